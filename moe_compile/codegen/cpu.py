@@ -1,0 +1,272 @@
+"""The ATen path of the fused MoE experts op: sort once, grouped GEMMs, one gather and one index_add.
+
+Forward, for tokens ``x [T, H]``, expert ids ``idx [T, k]`` (``E`` means "dropped", as HF's sentinel) and routing
+weights ``w [T, k]``:
+
+    order   = stable argsort of idx.flatten()        # (token, slot) pairs grouped by expert
+    xs      = x[order // k]                          # the one gather
+    h       = grouped_mm(xs, W1, offs) + B1[e]       # [S, N], N = 2F when gated
+    a       = act(h)                                 # [S, F]
+    y       = grouped_mm(a, W2, offs) + B2[e]        # [S, H]
+    out     = zeros(T, H).index_add_(0, order // k, y * w.flatten()[order])
+
+Backward reuses the same plan: dX and d(activations) are grouped GEMMs with the transposed weights, dW is a grouped
+GEMM over each expert's rows (``torch._grouped_mm`` 2D x 2D with offsets along K), and d(routing weights) is a row
+dot product. Where ``torch._grouped_mm`` cannot run (float64, row strides not a multiple of 16 bytes, torch without
+it) the same math runs as one matmul per expert slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import MoESpec
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------- activations
+def _base_act(name: str, t: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return F.silu(t)
+    if name == "gelu":
+        return F.gelu(t)
+    if name == "gelu_tanh":
+        return F.gelu(t, approximate="tanh")
+    if name == "relu":
+        return F.relu(t)
+    if name == "sigmoid":
+        return torch.sigmoid(t)
+    if name == "identity":
+        return t
+    raise ValueError(f"{name!r} is not an elementwise activation")
+
+
+def split_gate_up(spec: MoESpec, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.gate_layout == "interleaved":
+        return h[..., 0::2], h[..., 1::2]
+    return h[..., : spec.ffn], h[..., spec.ffn :]
+
+
+def activation(spec: MoESpec, h: torch.Tensor) -> torch.Tensor:
+    """``[S, N] -> [S, F]``: the expert's activation, gated or not, as the spec says."""
+    if not spec.gated:
+        return _base_act(spec.activation, h)
+    gate, up = split_gate_up(spec, h)
+    if spec.activation == "swiglu_oai":
+        gate = gate.clamp(max=spec.act_limit)
+        up = up.clamp(min=-spec.act_limit, max=spec.act_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * spec.act_alpha))
+    return _base_act(spec.activation, gate) * up
+
+
+# ----------------------------------------------------------------------------------------------- grouped GEMM
+def _aligned(t: torch.Tensor) -> bool:
+    # torch._grouped_mm wants one unit stride and the other a multiple of 16 bytes
+    s = t.stride()
+    return (s[-1] == 1 or s[-2] == 1) and all(x * t.element_size() % 16 == 0 for x in s if x != 1)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offs_list: list[int]) -> torch.Tensor:
+    """``a [S, K] x b [E, K, N] -> [S, N]`` (rows grouped by ``offs``), or ``a [M, S] x b [S, N] -> [E, M, N]``
+    (the reduction dimension grouped), as ``torch._grouped_mm`` defines them."""
+    if (
+        _HAS_GROUPED_MM
+        and a.dtype in _GROUPED_MM_DTYPES
+        and a.dtype == b.dtype
+        and a.shape[-1] > 0
+        and b.shape[-1] > 0
+        and _aligned(a)
+        and _aligned(b)
+    ):
+        return torch._grouped_mm(a, b, offs)
+    starts = [0] + offs_list[:-1]
+    if b.dim() == 3:
+        out = a.new_empty(a.shape[0], b.shape[-1])
+        for e, (s, t) in enumerate(zip(starts, offs_list)):
+            if t > s:
+                torch.mm(a[s:t], b[e], out=out[s:t])
+        return out
+    out = a.new_zeros(len(offs_list), a.shape[0], b.shape[-1])
+    for e, (s, t) in enumerate(zip(starts, offs_list)):
+        if t > s:
+            torch.mm(a[:, s:t], b[s:t], out=out[e])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- weights
+@dataclass
+class Weights:
+    """Canonical views of the expert weights: ``w1 [E, H, N]``, ``w2 [E, F, H]``, biases ``b1 [E, N]``,
+    ``b2 [E, H]`` (or None)."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    b1: torch.Tensor | None
+    b2: torch.Tensor | None
+
+
+def _stack(spec: MoESpec, ts: list[torch.Tensor]) -> torch.Tensor:
+    w = ts[0] if spec.stacked else torch.stack(ts)
+    return w.transpose(-1, -2) if spec.weight_layout == "out_in" else w
+
+
+def _stack_bias(spec: MoESpec, ts: list[torch.Tensor]) -> torch.Tensor | None:
+    if not ts:
+        return None
+    return ts[0] if spec.stacked else torch.stack(ts)
+
+
+def canonical_weights(spec: MoESpec, gate, up, down, b_gate, b_up, b_down) -> Weights:
+    w1 = _stack(spec, up)
+    b1 = _stack_bias(spec, b_up)
+    if spec.gate_layout == "separate":
+        w1 = torch.cat([_stack(spec, gate), w1], dim=-1)
+        if b1 is not None:
+            b1 = torch.cat([_stack_bias(spec, b_gate), b1], dim=-1)
+    return Weights(w1, _stack(spec, down), b1, _stack_bias(spec, b_down))
+
+
+def _unstack(spec: MoESpec, g: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    if spec.weight_layout == "out_in":
+        g = g.transpose(-1, -2)
+    if spec.stacked:
+        return [g.contiguous().to(like[0].dtype)]
+    # unbind gives views of one tensor; a custom op may not return aliases
+    return [t.to(r.dtype, copy=True, memory_format=torch.contiguous_format) for t, r in zip(g.unbind(0), like)]
+
+
+def _unstack_bias(spec: MoESpec, g: torch.Tensor | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not like:
+        return []
+    if spec.stacked:
+        return [g.to(like[0].dtype)]
+    return [t.to(r.dtype, copy=True) for t, r in zip(g.unbind(0), like)]
+
+
+def weight_grads(spec: MoESpec, d: Weights, gate, up, down, b_gate, b_up, b_down):
+    """Map gradients of the canonical weights back onto the op's weight inputs, in their own layout."""
+    d1, db1 = d.w1, d.b1
+    d_gate, d_b_gate = [], []
+    if spec.gate_layout == "separate":
+        # split into fresh tensors: a custom op may not return two views of one buffer
+        d_gate = _unstack(spec, d1[..., : spec.ffn].clone(), gate)
+        d1 = d1[..., spec.ffn :].clone()
+        if db1 is not None:
+            d_b_gate = _unstack_bias(spec, db1[..., : spec.ffn].clone(), b_gate)
+            db1 = db1[..., spec.ffn :].clone()
+    return (
+        d_gate,
+        _unstack(spec, d1, up),
+        _unstack(spec, d.w2, down),
+        d_b_gate,
+        _unstack_bias(spec, db1, b_up),
+        _unstack_bias(spec, d.b2, b_down),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- dispatch plan
+@dataclass
+class Plan:
+    order: torch.Tensor  # [S_valid] flat (token, slot) positions, grouped by expert
+    tokens: torch.Tensor  # [S_valid] token of each sorted row
+    experts: torch.Tensor  # [S_valid] expert of each sorted row
+    offs: torch.Tensor  # [E] int32 cumulative row counts
+    offs_list: list[int]
+
+
+def make_plan(idx: torch.Tensor, num_experts: int) -> Plan:
+    k = idx.shape[-1]
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    offs_list = offs.tolist()
+    n_valid = offs_list[-1] if offs_list else 0
+    sorted_e, order = torch.sort(flat, stable=True)
+    order, sorted_e = order[:n_valid], sorted_e[:n_valid]
+    return Plan(order, torch.div(order, k, rounding_mode="floor"), sorted_e, offs, offs_list)
+
+
+def check_routing(idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor, num_experts: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"hidden states must be [tokens, hidden], got shape {tuple(x.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx must be [tokens={x.shape[0]}, k], got shape {tuple(idx.shape)}")
+    if w.shape != idx.shape:
+        raise ValueError(f"topk_weights shape {tuple(w.shape)} differs from topk_idx shape {tuple(idx.shape)}")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError(f"topk_idx must be an integer tensor, got {idx.dtype}")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi > num_experts:
+            raise ValueError(f"expert ids must lie in [0, {num_experts}] ({num_experts} = dropped), got [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------- forward / backward
+def experts_forward(spec: MoESpec, x, idx, w, wts: Weights):
+    """Returns ``(out [T, H], saved)`` where ``saved = (h, y)``: the first GEMM's output and the second's, both in
+    sorted order, which the backward needs."""
+    plan = make_plan(idx.long(), spec.num_experts)
+    xs = x[plan.tokens]
+    w1 = wts.w1.to(x.dtype)
+    h = grouped_mm(xs, w1, plan.offs, plan.offs_list)
+    if wts.b1 is not None:
+        h = h + wts.b1.to(x.dtype)[plan.experts]
+    a = activation(spec, h)
+    y = grouped_mm(a, wts.w2.to(x.dtype), plan.offs, plan.offs_list)
+    if wts.b2 is not None:
+        y = y + wts.b2.to(x.dtype)[plan.experts]
+    ws = w.reshape(-1)[plan.order]
+    out = torch.zeros_like(x)
+    out.index_add_(0, plan.tokens, (y * ws.unsqueeze(-1)).to(x.dtype))
+    return out, (h, y)
+
+
+def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, y):
+    """Gradients of ``experts_forward`` for x, w and the canonical weights."""
+    plan = make_plan(idx.long(), spec.num_experts)
+    dt = x.dtype
+    gy = grad_out.to(dt)[plan.tokens]  # [S, H]
+    ws = w.reshape(-1)[plan.order]
+    dw_sorted = (gy.to(torch.promote_types(dt, w.dtype)) * y).sum(-1)
+    dw = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
+    dw[plan.order] = dw_sorted.to(w.dtype)
+    gyw = (gy * ws.unsqueeze(-1)).to(dt)  # gradient of y
+    db2 = None
+    if wts.b2 is not None:
+        db2 = torch.zeros(wts.b2.shape, dtype=dt, device=x.device).index_add_(0, plan.experts, gyw)
+    a, act_vjp = torch.func.vjp(lambda t: activation(spec, t), h)
+    w2 = wts.w2.to(dt)
+    da = grouped_mm(gyw, w2.transpose(-1, -2), plan.offs, plan.offs_list)
+    dw2 = grouped_mm(a.t(), gyw, plan.offs, plan.offs_list)
+    (dh,) = act_vjp(da)
+    db1 = None
+    if wts.b1 is not None:
+        db1 = torch.zeros(wts.b1.shape, dtype=dt, device=x.device).index_add_(0, plan.experts, dh)
+    xs = x[plan.tokens]
+    w1 = wts.w1.to(dt)
+    dxs = grouped_mm(dh, w1.transpose(-1, -2), plan.offs, plan.offs_list)
+    dw1 = grouped_mm(xs.t(), dh, plan.offs, plan.offs_list)
+    dx = torch.zeros_like(x).index_add_(0, plan.tokens, dxs)
+    return dx, dw.view(w.shape), Weights(dw1, dw2, db1, db2)
+
+
+def reference_experts(spec: MoESpec, x, idx, w, wts: Weights) -> torch.Tensor:
+    """The definition, one token at a time (for tests; slow)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e == spec.num_experts:
+                continue
+            h = x[t] @ wts.w1[e]
+            if wts.b1 is not None:
+                h = h + wts.b1[e]
+            y = activation(spec, h) @ wts.w2[e]
+            if wts.b2 is not None:
+                y = y + wts.b2[e]
+            out[t] += y * w[t, j]
+    return out
