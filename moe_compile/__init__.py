@@ -1,0 +1,34 @@
+"""moe_compile: find Mixture-of-Experts blocks in a traced model and run them fused and parallel.
+
+``torch.compile(model, backend="moe")`` is the main entry point (registered through the ``torch_dynamo_backends``
+entry point, so importing this package first is optional).
+
+Importing the package (which ``torch.compile(..., backend="moe")`` does) turns on two Dynamo settings so that
+hand-written dispatch code (``nonzero``, ``torch.where`` on masks, ``.tolist()``) traces into graphs instead of
+breaking them: ``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs``. They apply to every model compiled
+in the process; set them back with ``torch._dynamo.config`` if another model needs the defaults.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops  # noqa: F401  (registers the moe_compile:: ops)
+from . import capture
+from .backend import moe_backend
+from .capture import experts
+from .spec import MoESpec, RouterSpec
+
+__all__ = ["moe_backend", "experts", "explain", "MoESpec", "RouterSpec", "install_capture"]
+__version__ = "0.1.0"
+
+
+def install_capture() -> None:
+    """Make Dynamo capture experts modules whole (idempotent; done on import)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
+    capture.install_hf_capture()
+
+
+install_capture()
+
+from .explain import explain  # noqa: E402

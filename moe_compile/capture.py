@@ -1,0 +1,183 @@
+"""Capturing experts modules whole: one graph node per experts call.
+
+Under ``torch.compile`` an experts module's data-dependent loop (HF's ``for expert_idx in expert_hit``, a user's own
+dispatch) would break the graph and leave the expert matmuls in no graph at all. Instead, while Dynamo traces, the
+call is routed to ``moe_compile::experts_call(hidden, topk_idx, topk_weights, params, key)``: one opaque node whose
+implementation runs the module's own forward (eager numerics, by construction), and which the backend rewrites into
+the fused op when it recognises the module.
+
+Two ways in:
+- ``@moe_compile.experts`` on a class with ``forward(hidden [T, H], topk_idx [T, k], topk_weights [T, k]) -> [T, H]``.
+- HF transformers experts modules (``@use_experts_implementation``): their implementation lookup is routed here while
+  compiling, whatever ``experts_implementation`` they are set to.
+In eager mode (not compiling) nothing changes.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+
+import torch
+from torch import Tensor
+
+_MODULES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+ENABLED = True  # moe_compile.capture.ENABLED = False turns capture off (Dynamo then traces modules as they are)
+
+
+@torch.compiler.assume_constant_result
+def module_key(module: torch.nn.Module) -> str:
+    """A stable name for ``module`` that the graph carries as a constant; Dynamo calls this at trace time."""
+    key = f"{type(module).__qualname__}@{id(module):x}"
+    _MODULES[key] = module
+    return key
+
+
+def module_for(key: str) -> torch.nn.Module:
+    try:
+        return _MODULES[key]
+    except KeyError:
+        raise RuntimeError(f"moe_compile: the experts module {key} behind a compiled graph no longer exists") from None
+
+
+def _param_names(module: torch.nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters()]
+
+
+def _call_module(module, params: list[Tensor], x, idx, w):
+    names = _param_names(module)
+    return torch.func.functional_call(module, dict(zip(names, params)), (x, idx, w), strict=False)
+
+
+# --------------------------------------------------------------------------------------------- the capture op
+@torch.library.custom_op("moe_compile::experts_call", mutates_args=())
+def experts_call(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str) -> Tensor:
+    with torch.no_grad():
+        out = _call_module(module_for(key), params, x, topk_idx, topk_weights)
+    return out.clone() if out is x else out
+
+
+@experts_call.register_fake
+def _experts_call_fake(x, topk_idx, topk_weights, params, key):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compile::experts_call_backward", mutates_args=())
+def experts_call_backward(
+    grad: Tensor, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    module = module_for(key)
+    floats = topk_weights.dtype.is_floating_point
+
+    def f(x_, w_, ps):
+        return _call_module(module, ps, x_, topk_idx, w_)
+
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(f, x, topk_weights, list(params))
+        dx, dw, dps = vjp(grad)
+    dw = dw if floats else torch.zeros_like(topk_weights)
+    return dx, dw, [g.clone() if g is p else g for g, p in zip(dps, params)]
+
+
+@experts_call_backward.register_fake
+def _experts_call_backward_fake(grad, x, topk_idx, topk_weights, params, key):
+    return torch.empty_like(x), torch.empty_like(topk_weights), [torch.empty_like(p) for p in params]
+
+
+def _setup(ctx, inputs, output):
+    x, idx, w, params, key = inputs
+    ctx.key = key
+    ctx.n = len(params)
+    ctx.save_for_backward(x, idx, w, *params)
+
+
+def _backward(ctx, grad):
+    x, idx, w, *params = ctx.saved_tensors
+    dx, dw, dps = experts_call_backward(grad, x, idx, w, params, ctx.key)
+    return dx, None, dw, dps, None
+
+
+experts_call.register_autograd(_backward, setup_context=_setup)
+
+
+def captured_call(module: torch.nn.Module, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """What a captured experts module runs while Dynamo traces it."""
+    return experts_call(x, idx, w, [p for _, p in module.named_parameters()], module_key(module))
+
+
+def _bind(args, kwargs):
+    """(hidden, topk_idx, topk_weights) from a call's arguments, positional first, then keywords in order."""
+    vals = list(args) + list(kwargs.values())
+    if len(vals) != 3:
+        raise TypeError(f"an experts module takes (hidden, topk_idx, topk_weights); got {len(vals)} arguments")
+    return vals
+
+
+# --------------------------------------------------------------------------------------------- the decorator
+def experts(cls):
+    """Mark a custom experts module so that ``torch.compile(..., backend="moe")`` captures and fuses it.
+
+    Contract: ``forward(hidden [T, H], topk_idx [T, k] int, topk_weights [T, k]) -> [T, H]``. In eager mode the
+    class behaves exactly as before.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise TypeError(f"@moe_compile.experts decorates an nn.Module subclass, not {cls!r}")
+    params = list(inspect.signature(cls.forward).parameters)
+    if len(params) < 4:
+        raise TypeError(
+            f"{cls.__qualname__}.forward must take (hidden, topk_idx, topk_weights); its parameters are {params[1:]}"
+        )
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if ENABLED and torch.compiler.is_compiling():
+            return captured_call(self, *_bind(args, kwargs))
+        return original(self, *args, **kwargs)
+
+    cls.forward = forward
+    cls._moe_compile_experts = True
+    cls._moe_compile_original_forward = original
+    return cls
+
+
+def is_captured_class(module: torch.nn.Module) -> bool:
+    return getattr(type(module), "_moe_compile_experts", False) or _is_hf_experts(module)
+
+
+# --------------------------------------------------------------------------------------------- HF transformers
+def _is_hf_experts(module) -> bool:
+    return hasattr(module, "config") and hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
+_HF_PATCHED = False
+
+
+def install_hf_capture() -> bool:
+    """Route HF experts modules to ``captured_call`` while compiling. Idempotent; False if transformers is absent."""
+    global _HF_PATCHED
+    if _HF_PATCHED:
+        return True
+    try:
+        from transformers.integrations import moe as hf_moe
+    except Exception:  # transformers not installed, or too old to have ExpertsInterface
+        return False
+    interface = getattr(hf_moe, "ExpertsInterface", None)
+    if interface is None:
+        return False
+    original = interface.get_interface
+
+    @functools.wraps(original)
+    def get_interface(self, experts_implementation, default):
+        fn = original(self, experts_implementation, default)
+        if ENABLED and torch.compiler.is_compiling():
+            return _hf_captured
+        return fn
+
+    interface.get_interface = get_interface
+    _HF_PATCHED = True
+    return True
+
+
+def _hf_captured(module, *args, **kwargs):
+    return captured_call(module, *_bind(args, kwargs))

@@ -1,0 +1,174 @@
+"""FX passes over Dynamo (torch-level) graphs: find MoE regions, replace recognised ones with the fused op.
+
+``fuse_moe(gm) -> list[Region]`` rewrites ``gm`` in place and returns what it found. Each pass is small:
+- ``experts_call`` nodes (captured experts modules) -> ``moe_compile::experts`` when ``detect`` recognises the
+  module; the router upstream is described (``describe_router``) but stays in the graph, where inductor fuses it;
+- ``topk`` nodes whose results reach no experts op are reported as MoE-like regions that were not fused.
+Never runs ``eliminate_dead_code`` (it deletes in-place ``call_method`` nodes of Dynamo graphs).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import capture
+from ..spec import MoESpec, RouterSpec
+from .detect import SLOTS, ExpertsMatch, detect_experts_module, with_top_k
+
+EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
+EXPERTS = torch.ops.moe_compile.experts.default
+
+
+@dataclass
+class Region:
+    module_path: str
+    pattern: str
+    fused: bool
+    reason: str = ""
+    spec: MoESpec | None = None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _is(node: fx.Node, *names: str) -> bool:
+    """Does ``node`` call one of the ops ``names`` in any of Dynamo's spellings (function, method, aten)?"""
+    if node.op == "call_method":
+        return node.target in names
+    if node.op != "call_function":
+        return False
+    t = node.target
+    tname = getattr(t, "__name__", "") or ""
+    if isinstance(t, torch._ops.OpOverload):
+        tname = t._schema.name.split("::")[-1]
+    return tname in names
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path or "<top>"
+
+
+def _ancestors(node: fx.Node, limit: int = 64) -> list[fx.Node]:
+    seen, todo, out = set(), [node], []
+    while todo and len(out) < limit:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                out.append(a)
+                todo.append(a)
+    return out
+
+
+def describe_router(idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, int | None]:
+    """Read the router's kind from the nodes that produce the routing weights (for reports)."""
+    anc = _ancestors(w) + [w]
+    topk = next((n for n in anc if _is(n, "topk")), None)
+    k = None
+    if topk is not None:
+        k_arg = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
+        k = k_arg if isinstance(k_arg, int) else None
+    before = set(_ancestors(topk)) if topk is not None else set()
+    soft = next((n for n in anc if _is(n, "softmax", "_softmax")), None)
+    sig = next((n for n in anc if _is(n, "sigmoid")), None)
+    score_node = soft or sig
+    score = "softmax" if soft else "sigmoid" if sig else "unknown"
+    order = "unknown"
+    if score_node is not None and topk is not None:
+        order = "score->topk" if score_node in before else "topk->score"
+    renorm = any(_is(n, "div", "truediv", "div_", "itruediv") for n in anc) if topk is not None else None
+    group = sum(1 for n in anc if _is(n, "topk")) > 1
+    bias = any(_is(n, "add", "add_") for n in before) and sig is not None
+    return RouterSpec(score=score, order=order, renormalize=renorm, bias_correction=bias, group_limited=group), k
+
+
+# --------------------------------------------------------------------------------------------- passes
+_MATCHES: dict[tuple, ExpertsMatch] = {}
+
+
+def _match_module(module, k: int) -> ExpertsMatch:
+    key = (id(module), k, tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+    if key not in _MATCHES:
+        _MATCHES[key] = detect_experts_module(module, top_k=k)
+    return _MATCHES[key]
+
+
+def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    regions = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not EXPERTS_CALL:
+            continue
+        x, idx, w, params, key = node.args
+        module = capture.module_for(key)
+        path = module_path(node)
+        val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
+        k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
+        router, _ = describe_router(idx, w)
+        match = _match_module(module, k)
+        if not match.ok:
+            regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason))
+            continue
+        spec = with_top_k(match.spec, k, router)
+        by_name = dict(zip([n for n, _ in module.named_parameters()], params))
+        lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
+        if rewrite:
+            with gm.graph.inserting_before(node):
+                fused = gm.graph.call_function(EXPERTS, (x, idx, w, *lists, spec.to_json()))
+                out = gm.graph.call_function(operator.getitem, (fused, 0))
+            fused.meta.update({k_: v for k_, v in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
+            out.meta.update(node.meta)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+        regions.append(Region(path, f"{match.pattern}, {spec.activation}, router {router.score}", True, "", spec))
+    return regions
+
+
+def report_unfused_topk(gm: fx.GraphModule) -> list[Region]:
+    """Top-k routers whose results reach no experts op: MoE-like regions left as they were."""
+    regions = []
+    for node in gm.graph.nodes:
+        if not _is(node, "topk"):
+            continue
+        todo, seen, reaches = [node], {node}, False
+        while todo and not reaches:
+            n = todo.pop()
+            for u in n.users:
+                if u.op == "call_function" and u.target in (EXPERTS_CALL, EXPERTS):
+                    reaches = True
+                    break
+                if u not in seen:
+                    seen.add(u)
+                    todo.append(u)
+        if reaches:
+            continue
+        # a top-k feeding scatter/index/one_hot dispatch looks like a router
+        dispatchy = any(_is(n, "index_add_", "index_add", "scatter_add_", "one_hot", "where", "nonzero", "einsum")
+                        for n in seen)
+        if dispatchy:
+            regions.append(Region(
+                module_path(node), "top-k router with inline dispatch", False,
+                "experts are computed inline (no experts module the backend can capture); mark the experts module "
+                "with @moe_compile.experts or use an nn.ModuleList of MLPs inside it",
+            ))
+    return regions
+
+
+def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    regions = fuse_experts_calls(gm, rewrite)
+    regions += report_unfused_topk(gm)
+    if rewrite:
+        gm.graph.lint()
+        gm.recompile()
+    return regions
