@@ -60,9 +60,11 @@ def _clean_path(path: str) -> str:
     return path or "<top>"
 
 
-def _ancestors(node: fx.Node, limit: int = 64) -> list[fx.Node]:
-    seen, todo, out = set(), [node], []
-    while todo and len(out) < limit:
+def _ancestors(node: fx.Node, stop: set | None = None) -> list[fx.Node]:
+    """Every node ``node`` depends on, not looking past the nodes in ``stop``."""
+    stop = stop or set()
+    seen, todo, out = set(stop), [node], []
+    while todo:
         n = todo.pop()
         for a in n.all_input_nodes:
             if a not in seen:
@@ -72,15 +74,16 @@ def _ancestors(node: fx.Node, limit: int = 64) -> list[fx.Node]:
     return out
 
 
-def describe_router(idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, int | None]:
-    """Read the router's kind from the nodes that produce the routing weights (for reports)."""
-    anc = _ancestors(w) + [w]
+def describe_router(x: fx.Node, idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, int | None]:
+    """Read the router's kind from the nodes between the hidden states ``x`` and the routing weights (reports)."""
+    upstream = set(_ancestors(x)) | {x} if isinstance(x, fx.Node) else set()
+    anc = _ancestors(w, upstream) + [w]
     topk = next((n for n in anc if _is(n, "topk")), None)
     k = None
     if topk is not None:
         k_arg = topk.args[1] if len(topk.args) > 1 else topk.kwargs.get("k")
         k = k_arg if isinstance(k_arg, int) else None
-    before = set(_ancestors(topk)) if topk is not None else set()
+    before = set(_ancestors(topk, upstream)) if topk is not None else set()
     soft = next((n for n in anc if _is(n, "softmax", "_softmax")), None)
     sig = next((n for n in anc if _is(n, "sigmoid")), None)
     score_node = soft or sig
@@ -115,7 +118,7 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
         path = module_path(node)
         val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
         k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
-        router, _ = describe_router(idx, w)
+        router, _ = describe_router(x, idx, w)
         match = _match_module(module, k)
         if not match.ok:
             regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason))

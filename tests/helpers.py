@@ -1,0 +1,75 @@
+"""Shared builders and checks for the tests."""
+from __future__ import annotations
+
+import torch
+
+HF_FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=40, intermediate_size=48,
+                                         decoder_sparse_step=1, mlp_only_layers=[])),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24)),
+    "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+                                             intermediate_size=48, n_shared_experts=1, first_k_dense_replace=0,
+                                             kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+                                             topk_method="group_limited_greedy", num_key_value_heads=4)),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+                                             intermediate_size=48, n_shared_experts=1, first_k_dense_replace=0,
+                                             kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+                                             routed_scaling_factor=2.5, num_key_value_heads=4)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, head_dim=8,
+                                     layer_types=["full_attention", "sliding_attention"], sliding_window=8)),
+}
+VOCAB = 64
+
+
+def tiny_hf_model(family: str, impl: str = "eager", seed: int = 0):
+    """A 2-layer ``AutoModelForCausalLM`` of ``family`` with random, non-zero weights (router biases included)."""
+    import transformers
+
+    cname, kw = HF_FAMILIES[family]
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    cfg = getattr(transformers, cname)(**{**base, **kw})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point() and t.dim() >= 1 and t.abs().sum() == 0:
+                t.normal_(std=0.5)  # zero-initialised router biases / corrections would hide their paths
+    model.set_experts_implementation(impl)
+    return model
+
+
+def loss_and_grads(model, *args, **kwargs):
+    """One forward + backward; returns the loss and every parameter gradient by (unwrapped) name."""
+    model.zero_grad(set_to_none=True)
+    out = model(*args, **kwargs)
+    loss = out.loss if hasattr(out, "loss") else out.float().pow(2).mean()
+    loss.backward()
+    grads = {n.replace("_orig_mod.", ""): p.grad.detach().clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def assert_same_training_step(ref, got, tol=1e-4):
+    """``ref`` and ``got`` are (loss, grads) pairs: equal loss, the same set of gradients, each equal."""
+    (l0, g0), (l1, g1) = ref, got
+    assert rel_err(l1, l0) <= tol, (l0, l1)
+    assert set(g0) == set(g1), set(g0) ^ set(g1)
+    bad = {n: rel_err(g1[n], g0[n]) for n in g0 if rel_err(g1[n], g0[n]) > tol}
+    assert not bad, bad
+
+
+def count_op_calls(fn, op_prefix="moe_compile::") -> int:
+    """How many times ops named ``op_prefix...`` ran in ``fn()`` (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(op_prefix))
