@@ -65,9 +65,13 @@ def activation(spec: MoESpec, h: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- grouped GEMM
 def _aligned(t: torch.Tensor) -> bool:
-    # torch._grouped_mm wants one unit stride and the other a multiple of 16 bytes
+    """What torch._grouped_mm accepts: one unit stride in the matrix, every other stride and both matrix sizes
+    a multiple of 16 bytes (conservative: other tensors take the per-expert path)."""
+    size = t.element_size()
     s = t.stride()
-    return (s[-1] == 1 or s[-2] == 1) and all(x * t.element_size() % 16 == 0 for x in s if x != 1)
+    if not (s[-1] == 1 or s[-2] == 1):
+        return False
+    return all(x * size % 16 == 0 for x in s if x != 1) and all(n * size % 16 == 0 for n in t.shape[-2:])
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offs_list: list[int]) -> torch.Tensor:

@@ -88,6 +88,19 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return first_m + ((pid % in_group) % size_m), (pid % in_group) // size_m
 
 
+_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET) if _HAS_TRITON else _INTERPRET
+
+
+@_jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """``acc + a @ b``. The interpreter holds bfloat16 as raw uint16 and its dot would multiply those, so under
+    TRITON_INTERPRET the operands are upcast first (compiled kernels are unaffected)."""
+    if _UPCAST_BF16_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
 @_jit
 def _tanh(z):
     return 2.0 * tl.sigmoid(2.0 * z) - 1.0
@@ -368,11 +381,9 @@ def _gemm1_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_g = tl.dot(xt, tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_g,
-                       input_precision=PREC)
+        acc_g = _dot(xt, tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_g, PREC)
         if GATED:
-            acc_u = tl.dot(xt, tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_u,
-                           input_precision=PREC)
+            acc_u = _dot(xt, tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_u, PREC)
         x_ptrs += BLOCK_K * stride_xk
         wg_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
@@ -417,7 +428,7 @@ def _gemm_scatter_body(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         at = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(at, tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, input_precision=PREC)
+        acc = _dot(at, tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, PREC)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -473,7 +484,7 @@ def _gemm_dact_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         gt = tl.load(g_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(gt, tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, input_precision=PREC)
+        acc = _dot(gt, tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc, PREC)
         yt = tl.load(y_ptrs, mask=y_ok[:, None] & k_ok[None, :], other=0.0)  # no traffic unless first
         dot_gy += tl.sum(gt.to(tl.float32) * yt.to(tl.float32), 1)
         g_ptrs += BLOCK_K * stride_gk
@@ -533,7 +544,7 @@ def _wgrad_kernel(
         if B_WEIGHTED:
             rw = tl.load(rw_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
             bt = (bt.to(tl.float32) * rw[:, None]).to(at.dtype)
-        acc = tl.dot(at, bt, acc, input_precision=PREC)
+        acc = _dot(at, bt, acc, PREC)
         if HAS_DB:
             db += tl.sum(bt.to(tl.float32), 0)
     tl.store(dw_ptr + e * stride_de + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, acc,

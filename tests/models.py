@@ -1,0 +1,112 @@
+"""Hand-written MoE layers, the way people write them (used by several tests)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_compile
+
+ACTS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden, ffn, act="silu", gated=True, bias=False):
+        super().__init__()
+        self.gated = gated
+        if gated:
+            self.w1 = nn.Linear(hidden, ffn, bias=bias)  # gate
+            self.w3 = nn.Linear(hidden, ffn, bias=bias)  # up
+        else:
+            self.fc1 = nn.Linear(hidden, ffn, bias=bias)
+        self.w2 = nn.Linear(ffn, hidden, bias=bias)
+        self.act = ACTS[act]()
+
+    def forward(self, x):
+        if self.gated:
+            return self.w2(self.act(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.fc1(x)))
+
+
+class LoopExperts(nn.Module):
+    """A ModuleList of MLPs, dispatched with torch.where and combined with index_add_."""
+
+    def __init__(self, num_experts, hidden, ffn, act="silu", gated=True, bias=False):
+        super().__init__()
+        self.experts = nn.ModuleList(MLP(hidden, ffn, act, gated, bias) for _ in range(num_experts))
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(topk_idx == e)
+            y = expert(hidden[tok]) * topk_weights[tok, slot, None]
+            out.index_add_(0, tok, y)
+        return out
+
+
+DecoratedLoopExperts = moe_compile.experts(type("DecoratedLoopExperts", (LoopExperts,), {}))
+
+
+@moe_compile.experts
+class GatherExperts(nn.Module):
+    """Stacked 3D weights gathered per (token, slot), combined with a weighted sum: no loop at all."""
+
+    def __init__(self, num_experts, hidden, ffn):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(num_experts, hidden, 2 * ffn) / hidden**0.5)
+        self.w_out = nn.Parameter(torch.randn(num_experts, ffn, hidden) / ffn**0.5)
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        h = torch.einsum("th,tkhf->tkf", hidden, self.w_in[topk_idx])
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("tkf,tkfh->tkh", F.gelu(gate) * up, self.w_out[topk_idx])
+        return (y * topk_weights.unsqueeze(-1)).sum(1)
+
+
+@moe_compile.experts
+class NormedExperts(nn.Module):
+    """An expert body that is not an MLP (a LayerNorm inside): captured, not fused."""
+
+    def __init__(self, num_experts, hidden, ffn):
+        super().__init__()
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, ffn), nn.LayerNorm(ffn), nn.Linear(ffn, hidden)) for _ in range(num_experts)
+        )
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(topk_idx == e)
+            out.index_add_(0, tok, expert(hidden[tok]) * topk_weights[tok, slot, None])
+        return out
+
+
+class MoELayer(nn.Module):
+    """Router Linear -> softmax|sigmoid -> top-k (-> renormalise) -> experts. Input [B, S, H]."""
+
+    def __init__(self, experts, hidden, num_experts, k, score="softmax", renorm=True):
+        super().__init__()
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts, self.k, self.score, self.renorm = experts, k, score, renorm
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        scores = logits.softmax(-1) if self.score == "softmax" else torch.sigmoid(logits)
+        w, idx = torch.topk(scores, self.k, dim=-1)
+        if self.renorm:
+            w = w / w.sum(-1, keepdim=True)
+        return self.experts(x, idx, w).reshape(shape)
+
+
+class Net(nn.Module):
+    def __init__(self, moe, hidden):
+        super().__init__()
+        self.inp = nn.Linear(hidden, hidden)
+        self.moe = moe
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.moe(h))
