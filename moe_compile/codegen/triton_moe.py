@@ -439,7 +439,7 @@ def _gemm_scatter_body(
     if WEIGHTED:
         acc = acc * tl.load(rw_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if ATOMIC:
-        tl.atomic_add(out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on, acc, mask=mask)
+        tl.atomic_add(out_ptr + tok[:, None] * stride_om + offs_n[None, :] * stride_on, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on, acc, mask=mask)
 
@@ -535,8 +535,12 @@ def _wgrad_kernel(
         rows = r0 + offs_r
         r_ok = rows < row1
         pair = tl.load(order_ptr + rows, mask=r_ok, other=0).to(tl.int64)
-        a_rows = pair // top_k if A_GATHER else rows.to(tl.int64)
-        b_rows = pair // top_k if B_GATHER else rows.to(tl.int64)
+        a_rows = rows.to(tl.int64)
+        b_rows = rows.to(tl.int64)
+        if A_GATHER:
+            a_rows = pair // top_k
+        if B_GATHER:
+            b_rows = pair // top_k
         at = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_m[:, None] * stride_ak,
                      mask=r_ok[None, :] & m_ok[:, None], other=0.0)  # A^T tile [BLOCK_M, BLOCK_K]
         bt = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_n[None, :] * stride_bn,
