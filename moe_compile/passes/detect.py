@@ -130,50 +130,52 @@ def _linears(expert: torch.nn.Module):
     return lins
 
 
-def _list_candidates(module, prefix: str, experts: torch.nn.ModuleList, params):
-    E = len(experts)
-    per = [_linears(e) for e in experts]
-    if any(p is None for p in per):
-        return None, "an expert holds parameters outside nn.Linear layers"
-    n_lin = len(per[0])
-    if n_lin not in (2, 3) or any(len(p) != n_lin for p in per):
-        return None, "experts are not all made of 2 or 3 nn.Linear layers"
+def _module_layers(experts: torch.nn.ModuleList, params: dict[str, torch.Tensor]):
+    """Per expert, its nn.Linear layers as ``(weight_name, bias_name | None)``; None if an expert holds anything
+    else."""
     name_of = {id(p): n for n, p in params.items()}
-    shapes = [tuple(tuple(l.weight.shape) for l in p) for p in per]
-    if any(s != shapes[0] for s in shapes):
+    out = []
+    for e in experts:
+        lins = _linears(e)
+        if lins is None:
+            return None
+        out.append([(name_of[id(l.weight)], name_of[id(l.bias)] if l.bias is not None else None) for l in lins])
+    return out
+
+
+def layer_candidates(layers: list[list[tuple[str, str | None]]], params: dict[str, torch.Tensor]):
+    """Readings of E experts, each a list of 2 or 3 linear layers ``(weight [out, in], bias [out] | None)``."""
+    E = len(layers)
+    if E == 0:
+        return None, "no experts"
+    n_lin = len(layers[0])
+    if n_lin not in (2, 3) or any(len(l) != n_lin for l in layers):
+        return None, "experts are not all made of 2 or 3 linear layers"
+    shapes = [tuple(tuple(params[w].shape) for w, _ in l) for l in layers]
+    if any(len(s) != 2 for s0 in shapes for s in s0) or any(s != shapes[0] for s in shapes):
         return None, "experts have different shapes"
-    biases = {l.bias is not None for p in per for l in p}
+    biases = {b is not None for l in layers for _, b in l}
     if len(biases) != 1:
         return None, "some expert layers have biases and others not"
     has_bias = biases.pop()
     out = []
     for order in itertools.permutations(range(n_lin)):
-        if n_lin == 2:
-            first, down = order
-            gate = None
-        else:
-            gate, first, down = order
+        gate, first, down = order if n_lin == 3 else (None, *order)
         (n_out, h_in), (h_out, f_in) = shapes[0][first], shapes[0][down]
         if h_in != h_out or n_out != f_in:
             continue
         if gate is not None and shapes[0][gate] != shapes[0][first]:
             continue
-
-        def names(i, what="weight"):
-            return [name_of[id(getattr(p[i], what))] for p in per]
-
         slots = {s: [] for s in SLOTS}
-        slots["up"], slots["down"] = names(first), names(down)
-        if gate is not None:
-            slots["gate"] = names(gate)
-        if has_bias:
-            slots["b_up"], slots["b_down"] = names(first, "bias"), names(down, "bias")
-            if gate is not None:
-                slots["b_gate"] = names(gate, "bias")
+        for slot, i in (("gate", gate), ("up", first), ("down", down)):
+            if i is not None:
+                slots[slot] = [l[i][0] for l in layers]
+                if has_bias:
+                    slots["b_" + slot] = [l[i][1] for l in layers]
         kw = dict(num_experts=E, hidden=h_in, ffn=f_in, gate_layout="separate" if gate is not None else "none",
                   weight_layout="out_in", stacked=False, has_bias=has_bias)
         out.append(_Candidate(kw, slots))
-    return out, "" if out else "expert Linear shapes do not chain as hidden -> ffn -> hidden"
+    return out, "" if out else "expert layer shapes do not chain as hidden -> ffn -> hidden"
 
 
 def _find_expert_list(module):
@@ -218,36 +220,46 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMatch:
     """Recognise ``module`` (contract ``forward(hidden, topk_idx, topk_weights) -> hidden``) as fused experts."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     params = dict(module.named_parameters())
     if not params:
         return ExpertsMatch(None, reason="the module has no parameters")
-    dtypes = {p.dtype for p in params.values()}
-    if not all(d.is_floating_point for d in dtypes):
-        return ExpertsMatch(None, reason=f"unsupported parameter dtypes {sorted(map(str, dtypes))}")
     if getattr(module, "has_post_expert_norm", False):
         return ExpertsMatch(None, reason="a norm after each expert (has_post_expert_norm) is not fused")
-
     if any(p.dim() == 3 for p in params.values()):
         cands, why = _stacked_candidates(module, params)
         pattern = "stacked experts [E, ., .]"
     else:
-        prefix, experts = _find_expert_list(module)
+        _, experts = _find_expert_list(module)
         if experts is None:
             return ExpertsMatch(None, reason="no stacked [E, ., .] weights and no single nn.ModuleList of experts")
-        cands, why = _list_candidates(module, prefix, experts, params)
+        layers = _module_layers(experts, params)
+        if layers is None:
+            return ExpertsMatch(None, reason="an expert holds parameters outside nn.Linear layers",
+                                pattern=f"nn.ModuleList of {len(experts)} experts")
+        cands, why = layer_candidates(layers, params)
         pattern = f"nn.ModuleList of {len(experts)} MLP experts"
     if not cands:
         return ExpertsMatch(None, reason=why, pattern=pattern)
 
-    acts = _act_order(module)
-    swiglu = _swiglu_params(module)
+    def reference(params64, x, idx, w):
+        return _module_output(module, params64, x, idx, w)
+
+    return prove(cands, params, reference, top_k, pattern, act_hint=module, swiglu=_swiglu_params(module))
+
+
+def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None) -> ExpertsMatch:
+    """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
+    two independent random routings."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    dtypes = {p.dtype for p in params.values()}
+    if not all(d.is_floating_point for d in dtypes):
+        return ExpertsMatch(None, reason=f"unsupported parameter dtypes {sorted(map(str, dtypes))}", pattern=pattern)
+    acts = _act_order(act_hint)
     trials = []
     for c in cands:
         gated = c.spec_kw["gate_layout"] != "none"
-        names = (["swiglu_oai"] if swiglu and gated else []) + acts
-        for a in names:
+        for a in (["swiglu_oai"] if swiglu and gated else []) + acts:
             kw = dict(c.spec_kw, activation=a)
             if a == "swiglu_oai":
                 kw.update(act_alpha=swiglu[0], act_limit=swiglu[1])
@@ -258,29 +270,28 @@ def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMat
     best = float("inf")
     with unset_fake_temporarily():
         params64 = {n: p.detach().to(torch.float64) for n, p in params.items()}
-        H = trials[0][0]["hidden"]
-        E = trials[0][0]["num_experts"]
+        H, E = trials[0][0]["hidden"], trials[0][0]["num_experts"]
         k = max(1, min(top_k, E))
-        x, idx, w = _random_routing(E, k, H, device)
+        probes = [_random_routing(E, k, H, device), _random_routing(E, min(E, k + 1), H, device, seed=1)]
         try:
-            ref = _module_output(module, params64, x, idx, w)
-        except Exception as e:  # noqa: BLE001 - reported, module left alone
-            return ExpertsMatch(None, reason=f"the module's forward failed on float64 probe inputs: {e}", pattern=pattern)
-        if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
-            return ExpertsMatch(None, reason="the module does not return one [tokens, hidden] tensor", pattern=pattern)
+            refs = [reference(params64, *p) for p in probes]
+        except Exception as e:  # noqa: BLE001 - reported, the code is left alone
+            return ExpertsMatch(None, reason=f"the experts code failed on float64 probe inputs: {e}", pattern=pattern)
+        if not all(isinstance(r, torch.Tensor) and r.shape == p[0].shape for r, p in zip(refs, probes)):
+            return ExpertsMatch(None, reason="the experts do not return one [tokens, hidden] tensor", pattern=pattern)
         for kw, slots in trials:
             spec = MoESpec(top_k=k, pattern=pattern, **kw)
-            err = _relative_error(_fused_output(spec, slots, params64, x, idx, w), ref)
-            best = min(best, err)
-            if err <= _TOL:
-                # a second, independent probe with other routing and k
-                x2, idx2, w2 = _random_routing(E, min(E, k + 1), H, device, seed=1)
-                ref2 = _module_output(module, params64, x2, idx2, w2)
-                if _relative_error(_fused_output(spec, slots, params64, x2, idx2, w2), ref2) <= _TOL:
-                    return ExpertsMatch(spec, slots, pattern=pattern)
+            errs = []
+            for probe, ref in zip(probes, refs):
+                errs.append(_relative_error(_fused_output(spec, slots, params64, *probe), ref))
+                if errs[-1] > _TOL:
+                    break
+            best = min(best, max(errs))
+            if max(errs) <= _TOL:
+                return ExpertsMatch(spec, slots, pattern=pattern)
     return ExpertsMatch(
         None,
-        reason=f"no fused form equals the module's forward (best of {len(trials)} candidates: rel. error {best:.1e})",
+        reason=f"no fused form equals the experts code (best of {len(trials)} candidates: rel. error {best:.1e})",
         pattern=pattern,
     )
 
