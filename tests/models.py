@@ -110,3 +110,38 @@ class Net(nn.Module):
     def forward(self, x):
         h = self.inp(x)
         return self.out(h + self.moe(h))
+
+
+class InlineMoE(nn.Module):
+    """Router, dispatch and combine all in one forward, experts in an nn.ModuleList: no decorator anywhere."""
+
+    def __init__(self, E, H, F, k, act="silu", gated=True, bias=False, score="softmax", renorm=True,
+                 dispatch="where", combine="index_add"):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(MLP(H, F, act, gated, bias) for _ in range(E))
+        self.k, self.score, self.renorm, self.dispatch, self.combine = k, score, renorm, dispatch, combine
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.view(-1, H)
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
+        w, idx = torch.topk(probs, self.k, dim=-1)
+        if self.renorm:
+            w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            if self.dispatch == "where":
+                tok, slot = torch.where(idx == e)
+                we = w[tok, slot]
+            else:
+                mask = idx == e
+                tok = mask.any(-1).nonzero().squeeze(-1)
+                we = (w * mask).sum(-1)[tok]
+            y = expert(x[tok]) * we[:, None]
+            if self.combine == "index_add":
+                out.index_add_(0, tok, y)
+            else:
+                out.scatter_add_(0, tok[:, None].expand(-1, H), y)
+        return out.view(B, S, H)

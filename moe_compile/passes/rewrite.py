@@ -138,11 +138,15 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
     return regions
 
 
-def report_unfused_topk(gm: fx.GraphModule) -> list[Region]:
-    """Top-k routers whose results reach no experts op: MoE-like regions left as they were."""
+def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Region]:
+    """Top-k routers whose results reach no experts op and lie in no fused region: MoE-like regions left alone."""
+    fused_paths = [r.module_path for r in fused if r.fused]
     regions = []
     for node in gm.graph.nodes:
         if not _is(node, "topk"):
+            continue
+        path = module_path(node)
+        if any(p == path or p.startswith(path + ".") for p in fused_paths):
             continue
         todo, seen, reaches = [node], {node}, False
         while todo and not reaches:
@@ -169,8 +173,11 @@ def report_unfused_topk(gm: fx.GraphModule) -> list[Region]:
 
 
 def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    from .inline import fuse_inline_experts
+
     regions = fuse_experts_calls(gm, rewrite)
-    regions += report_unfused_topk(gm)
+    regions += fuse_inline_experts(gm, rewrite)
+    regions += report_unfused_topk(gm, regions)
     if rewrite:
         gm.graph.lint()
         gm.recompile()
