@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .detect import SLOTS, layer_candidates, prove
-from .rewrite import EXPERTS, Region, _ancestors, _clean_path, _is, describe_router
+from .rewrite import EXPERTS, EXPERTS_CALL, Region, _ancestors, _clean_path, _is, describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
 _PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
@@ -48,7 +48,27 @@ def _expert_lists(gm: fx.GraphModule):
         m = re.match(r"^(.*)\.(\d+)(?:\.(.*))?$", mod)
         if m:
             lists[m.group(1)][int(m.group(2))][m.group(3) or ""][pname] = node
-    return {k: v for k, v in lists.items() if len(v) >= 1 and sorted(v) == list(range(len(v)))}
+    return {k: v for k, v in lists.items() if sorted(v) == list(range(len(v))) and _looks_like_experts(v)}
+
+
+def _looks_like_experts(experts) -> bool:
+    """Every element is 2 or 3 linear layers (2D weight, optional 1D bias) with the same names (decoder-layer
+    lists and the like are not experts, and are not reported)."""
+    names = {tuple(sorted(e)) for e in experts.values()}
+    if len(names) != 1 or len(next(iter(names))) not in (2, 3):
+        return False
+    for e in experts.values():
+        for ps in e.values():
+            w, b = ps.get("weight"), ps.get("bias")
+            if w is None or set(ps) - {"weight", "bias"} or _value_of(w).dim() != 2:
+                return False
+            if b is not None and _value_of(b).dim() != 1:
+                return False
+    return True
+
+
+def _value_of(placeholder: fx.Node) -> torch.Tensor:
+    return placeholder.meta["grapharg"].example
 
 
 def _paths(node: fx.Node) -> list[str]:
@@ -105,8 +125,8 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True) -> list[Region
     for list_path, experts in _expert_lists(gm).items():
         parent = list_path.rsplit(".", 1)[0]
         region = _region(gm, parent, list_path)
-        if not region:
-            continue
+        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL) for n in region):
+            continue  # nothing there, or experts already captured as one node
         inside = set(region)
         outputs = [n for n in region if any(u not in inside for u in n.users)]
         params = {n for e in experts.values() for layer in e.values() for n in layer.values()}
