@@ -129,3 +129,85 @@ def fused_experts(spec: MoESpec, x, topk_idx, topk_weights, gate=(), up=(), down
         x, topk_idx, topk_weights, list(gate), list(up), list(down), list(b_gate), list(b_up), list(b_down),
         spec.to_json(),
     )[0]
+
+
+# --------------------------------------------------------------------------------------------- dispatch + combine
+# Experts whose bodies are not a recognisable MLP: the dispatch (one sort, one gather) and the combine (one weighted
+# index_add) are fused around the user's own expert modules, each run once on its contiguous slice of rows.
+
+
+def _list_of(key: str) -> tuple[torch.nn.Module, list[str]]:
+    from .capture import module_for
+    from .passes.detect import _find_expert_list
+
+    module = module_for(key)
+    _, experts = _find_expert_list(module)
+    return module, experts
+
+
+def _dispatch_combine(module, experts, names, params, x, idx, w):
+    """out[t] = sum_j w[t, j] * experts[idx[t, j]](x[t]), with parameters ``params`` (functional)."""
+    values = dict(zip(names, params))
+    plan = cpu.make_plan(idx.long(), len(experts))
+    xs = x[plan.tokens]
+    ys, start = [], 0
+    prefix = {id(e): f"{n}." for n, e in module.named_modules() if any(e is ex for ex in experts)}
+    for e, end in enumerate(plan.offs_list):
+        if end > start:
+            p = prefix[id(experts[e])]
+            own = {n[len(p):]: v for n, v in values.items() if n.startswith(p)}
+            ys.append(torch.func.functional_call(experts[e], own, (xs[start:end],), strict=False))
+        start = end
+    y = torch.cat(ys) if ys else xs.new_zeros(0, x.shape[-1])
+    ws = w.reshape(-1)[plan.order]
+    return torch.zeros_like(x).index_add(0, plan.tokens, (y * ws.unsqueeze(-1)).to(x.dtype))
+
+
+@torch.library.custom_op("moe_compile::dispatch_combine", mutates_args=())
+def dispatch_combine(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str) -> Tensor:
+    module, experts = _list_of(key)
+    cpu.check_routing(topk_idx, topk_weights, x, len(experts))
+    names = [n for n, _ in module.named_parameters()]
+    with torch.no_grad():
+        return _dispatch_combine(module, experts, names, params, x, topk_idx, topk_weights)
+
+
+@dispatch_combine.register_fake
+def _dispatch_combine_fake(x, topk_idx, topk_weights, params, key):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compile::dispatch_combine_backward", mutates_args=())
+def dispatch_combine_backward(
+    grad: Tensor, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    module, experts = _list_of(key)
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x_, w_, ps):
+        return _dispatch_combine(module, experts, names, ps, x_, topk_idx, w_)
+
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(f, x, topk_weights, list(params))
+        dx, dw, dps = vjp(grad)
+    return dx, dw, [g.clone() if g is p else g for g, p in zip(dps, params)]
+
+
+@dispatch_combine_backward.register_fake
+def _dispatch_combine_backward_fake(grad, x, topk_idx, topk_weights, params, key):
+    return torch.empty_like(x), torch.empty_like(topk_weights), [torch.empty_like(p) for p in params]
+
+
+def _dc_setup(ctx, inputs, output):
+    x, idx, w, params, key = inputs
+    ctx.key = key
+    ctx.save_for_backward(x, idx, w, *params)
+
+
+def _dc_backward(ctx, grad):
+    x, idx, w, *params = ctx.saved_tensors
+    dx, dw, dps = dispatch_combine_backward(grad, x, idx, w, params, ctx.key)
+    return dx, None, dw, dps, None
+
+
+dispatch_combine.register_autograd(_dc_backward, setup_context=_dc_setup)

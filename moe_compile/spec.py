@@ -58,6 +58,7 @@ class MoESpec:
     capacity_factor: float | None = None  # None: dropless
     router: RouterSpec = RouterSpec()
     shared_experts: bool = False
+    expert_body: str = "mlp"  # "mlp": fused GEMMs; "user": the user's expert modules run inside dispatch+combine
     pattern: str = ""  # which detector matched, for explain
 
     def __post_init__(self):
@@ -67,7 +68,9 @@ class MoESpec:
             raise ValueError(f"unknown gate layout {self.gate_layout!r}; known: {GATE_LAYOUTS}")
         if self.weight_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"unknown weight layout {self.weight_layout!r}; known: {WEIGHT_LAYOUTS}")
-        if self.num_experts < 1 or self.top_k < 1 or self.hidden < 1 or self.ffn < 1:
+        if self.expert_body not in ("mlp", "user"):
+            raise ValueError(f"expert_body must be 'mlp' or 'user', got {self.expert_body!r}")
+        if self.num_experts < 1 or self.top_k < 1 or self.hidden < 1 or (self.ffn < 1 and self.expert_body == "mlp"):
             raise ValueError(f"sizes must be positive: {self}")
 
     @property

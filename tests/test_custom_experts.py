@@ -50,14 +50,32 @@ def test_decorated_fused(experts_cls):
         assert count_op_calls(lambda: compiled(torch.randn(2, 7, 16)), "moe_compile::experts") >= 1
 
 
-def test_not_an_mlp_is_captured_not_fused_and_explained():
+def test_not_an_mlp_fuses_dispatch_and_combine_around_user_code():
     torch.manual_seed(0)
     model = Net(MoELayer(NormedExperts(4, 16, 24), 16, 4, 2), 16)
+    compiled = _check_equal(model, torch.randn(2, 7, 16))
+    region = moe_compile.backend.last_regions[0]
+    assert region.fused and region.spec.expert_body == "user" and "outside nn.Linear" in region.reason
+    with torch.no_grad():
+        assert count_op_calls(lambda: compiled(torch.randn(2, 7, 16)), "moe_compile::dispatch_combine") >= 1
+    report = moe_compile.explain(model, torch.randn(2, 7, 16))
+    assert report.graph_breaks == 0 and report.regions[0].fused, str(report)
+
+
+@moe_compile.experts
+class NotASum(NormedExperts):
+    """Each token's output goes through a nonlinearity after the combine: not a weighted sum of experts."""
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        return torch.tanh(super().forward(hidden, topk_idx, topk_weights))
+
+
+def test_not_a_weighted_sum_is_left_alone_and_explained():
+    torch.manual_seed(0)
+    model = Net(MoELayer(NotASum(4, 16, 24), 16, 4, 2), 16)
     _check_equal(model, torch.randn(2, 7, 16))
     region = moe_compile.backend.last_regions[0]
-    assert not region.fused and "outside nn.Linear" in region.reason
-    report = moe_compile.explain(model, torch.randn(2, 7, 16))
-    assert report.graph_breaks == 0 and not report.regions[0].fused and report.regions[0].reason
+    assert not region.fused and region.reason
 
 
 def _module_grads(module, x, idx, w, g):

@@ -300,3 +300,48 @@ def with_top_k(spec: MoESpec, k: int, router: RouterSpec | None = None) -> MoESp
     import dataclasses
 
     return dataclasses.replace(spec, top_k=k, router=router or spec.router)
+
+
+def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int | None = None) -> ExpertsMatch:
+    """Experts whose bodies are not MLPs: does ``module`` compute ``sum_j w[t, j] * experts[idx[t, j]](x[t])`` over
+    its one ``nn.ModuleList`` (each expert mapping [n, H] -> [n, H] row by row)? Proven like the MLP readings."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from ..ops import _dispatch_combine
+
+    _, experts = _find_expert_list(module)
+    if experts is None:
+        return ExpertsMatch(None, reason="no single nn.ModuleList of experts")
+    params = dict(module.named_parameters())
+    if not params or not all(p.dtype.is_floating_point for p in params.values()):
+        return ExpertsMatch(None, reason="expert parameters are missing or not floating point")
+    names = list(params)
+    first = next(iter(params.values()))
+    H = hidden
+    if H is None:
+        return ExpertsMatch(None, reason="the hidden size of the experts' input is unknown")
+    E, k = len(experts), max(1, min(top_k, len(experts)))
+    pattern = f"dispatch + combine around {E} experts of your own code"
+    with unset_fake_temporarily():
+        m64 = {n: p.detach().to(torch.float64) for n, p in params.items()}
+        buffers = {n: b.to(torch.float64) if b.is_floating_point() else b for n, b in module.named_buffers()}
+        worst = 0.0
+        for seed, kk in ((0, k), (1, min(E, k + 1))):
+            x, idx, w = _random_routing(E, kk, H, first.device, seed=seed)
+            try:
+                ref = _module_output(module, {**m64, **buffers}, x, idx, w)
+                old = capture.ENABLED
+                capture.ENABLED = False
+                try:
+                    with torch.no_grad():
+                        got = _dispatch_combine(module, experts, names, [m64[n] for n in names], x, idx, w)
+                finally:
+                    capture.ENABLED = old
+            except Exception as e:  # noqa: BLE001 - reported, module left alone
+                return ExpertsMatch(None, reason=f"probing the experts failed: {e}", pattern=pattern)
+            worst = max(worst, _relative_error(got, ref))
+    if worst > _TOL:
+        return ExpertsMatch(None, reason=f"the module is not a weighted sum of its experts (rel. error {worst:.1e})",
+                            pattern=pattern)
+    spec = MoESpec(num_experts=E, top_k=k, hidden=H, ffn=0, expert_body="user", pattern=pattern)
+    return ExpertsMatch(spec, {}, pattern=pattern)

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .detect import SLOTS, layer_candidates, prove
-from .rewrite import EXPERTS, EXPERTS_CALL, Region, _ancestors, _clean_path, _is, describe_router
+from .rewrite import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, _ancestors, _clean_path, _is, describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
 _PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
@@ -125,7 +125,7 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True) -> list[Region
     for list_path, experts in _expert_lists(gm).items():
         parent = list_path.rsplit(".", 1)[0]
         region = _region(gm, parent, list_path)
-        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL) for n in region):
+        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL, DISPATCH_COMBINE) for n in region):
             continue  # nothing there, or experts already captured as one node
         inside = set(region)
         outputs = [n for n in region if any(u not in inside for u in n.users)]

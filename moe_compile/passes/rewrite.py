@@ -16,10 +16,11 @@ import torch.fx as fx
 
 from .. import capture
 from ..spec import MoESpec, RouterSpec
-from .detect import SLOTS, ExpertsMatch, detect_experts_module, with_top_k
+from .detect import SLOTS, ExpertsMatch, detect_dispatch_combine, detect_experts_module, with_top_k
 
 EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
 EXPERTS = torch.ops.moe_compile.experts.default
+DISPATCH_COMBINE = torch.ops.moe_compile.dispatch_combine.default
 
 
 @dataclass
@@ -101,11 +102,26 @@ def describe_router(x: fx.Node, idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, i
 _MATCHES: dict[tuple, ExpertsMatch] = {}
 
 
-def _match_module(module, k: int) -> ExpertsMatch:
-    key = (id(module), k, tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+def _match_module(module, k: int, hidden: int | None = None) -> ExpertsMatch:
+    """MLP experts (``hidden`` None) or, given the hidden size, dispatch+combine around the user's experts."""
+    key = (id(module), k, hidden, tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
     if key not in _MATCHES:
-        _MATCHES[key] = detect_experts_module(module, top_k=k)
+        if hidden is None:
+            _MATCHES[key] = detect_experts_module(module, top_k=k)
+        else:
+            _MATCHES[key] = detect_dispatch_combine(module, top_k=k, hidden=hidden)
     return _MATCHES[key]
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> None:
+    """Replace ``node`` by ``op(*args)`` (or its output ``index``), keeping the node's metadata."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(op, args)
+        out = new if index is None else gm.graph.call_function(operator.getitem, (new, index))
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
 
 
 def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
@@ -121,19 +137,22 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
         router, _ = describe_router(x, idx, w)
         match = _match_module(module, k)
         if not match.ok:
-            regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason))
+            xv = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+            hidden = int(xv.shape[-1]) if xv is not None and isinstance(xv.shape[-1], int) else None
+            around = _match_module(module, k, hidden) if hidden else match
+            if around.ok:
+                if rewrite:
+                    _replace(gm, node, DISPATCH_COMBINE, (x, idx, w, params, key), index=None)
+                regions.append(Region(path, around.pattern, True, f"expert bodies run as your code: {match.reason}",
+                                      with_top_k(around.spec, k, router)))
+            else:
+                regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason))
             continue
         spec = with_top_k(match.spec, k, router)
         by_name = dict(zip([n for n, _ in module.named_parameters()], params))
         lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
         if rewrite:
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(EXPERTS, (x, idx, w, *lists, spec.to_json()))
-                out = gm.graph.call_function(operator.getitem, (fused, 0))
-            fused.meta.update({k_: v for k_, v in node.meta.items() if k_ in ("nn_module_stack", "stack_trace")})
-            out.meta.update(node.meta)
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
+            _replace(gm, node, EXPERTS, (x, idx, w, *lists, spec.to_json()), index=0)
         regions.append(Region(path, f"{match.pattern}, {spec.activation}, router {router.score}", True, "", spec))
     return regions
 
@@ -152,7 +171,7 @@ def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Re
         while todo and not reaches:
             n = todo.pop()
             for u in n.users:
-                if u.op == "call_function" and u.target in (EXPERTS_CALL, EXPERTS):
+                if u.op == "call_function" and u.target in (EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE):
                     reaches = True
                     break
                 if u not in seen:
