@@ -58,6 +58,7 @@ class MoESpec:
     capacity_factor: float | None = None  # None: dropless
     router: RouterSpec = RouterSpec()
     shared_experts: bool = False
+    dispatch: str = "topk"  # "topk": ids + weights [T, k]; "slots": GShard dispatch/combine tensors [T, E, capacity]
     expert_body: str = "mlp"  # "mlp": fused GEMMs; "user": the user's expert modules run inside dispatch+combine
     pattern: str = ""  # which detector matched, for explain
 

@@ -1,6 +1,8 @@
 """Hand-written MoE layers, the way people write them (used by several tests)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -145,3 +147,54 @@ class InlineMoE(nn.Module):
             else:
                 out.scatter_add_(0, tok[:, None].expand(-1, H), y)
         return out.view(B, S, H)
+
+
+class GShardMoE(nn.Module):
+    """fairseq/GShard-style top-1 or top-2 gating with a capacity factor (tokens over capacity are dropped),
+    one-hot dispatch and combine tensors, einsum dispatch and combine; experts an nn.ModuleList or stacked 3D."""
+
+    def __init__(self, E, H, F, k=2, capacity_factor=1.0, stacked=False, act="relu"):
+        super().__init__()
+        self.wg = nn.Linear(H, E, bias=False)
+        self.E, self.k, self.cf, self.stacked = E, k, capacity_factor, stacked
+        if stacked:
+            self.w1 = nn.Parameter(torch.randn(E, H, F) / H**0.5)
+            self.w2 = nn.Parameter(torch.randn(E, F, H) / F**0.5)
+            self.act = ACTS[act]()
+        else:
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(H, F), ACTS[act](), nn.Linear(F, H)) for _ in range(E))
+
+    def gating(self, x):
+        gates = F.softmax(self.wg(x), dim=1)
+        S = x.shape[0]
+        cap = max(1, int(self.k * math.ceil(S / self.E) * self.cf))
+        masks, locs, gs = [], [], []
+        taken = torch.zeros(self.E, dtype=torch.long)
+        logits = gates
+        for _ in range(self.k):
+            i = torch.argmax(logits, dim=1)
+            m = F.one_hot(i, self.E)
+            loc = torch.cumsum(m, 0) - 1 + taken
+            taken = taken + m.sum(0)
+            logits = logits.masked_fill(m.bool(), float("-inf"))
+            m = m * (loc < cap)
+            masks.append(m)
+            locs.append((loc * m).sum(1))
+            gs.append((gates * m).sum(1))
+        denom = sum(gs).clamp(min=torch.finfo(gates.dtype).eps) if self.k > 1 else 1
+        combine = 0
+        for m, loc, g in zip(masks, locs, gs):
+            combine = combine + ((g / denom)[:, None] * m)[:, :, None] * F.one_hot(loc, cap)[:, None, :]
+        return combine, combine.bool()
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        combine, dispatch = self.gating(x)
+        d = torch.einsum("sec,sm->ecm", dispatch.to(x.dtype), x)
+        if self.stacked:
+            y = torch.bmm(self.act(torch.bmm(d, self.w1)), self.w2)
+        else:
+            y = torch.cat([e(c) for e, c in zip(self.experts, d.chunk(self.E, dim=0))], dim=0)
+        return torch.einsum("sec,ecm->sm", combine, y).reshape(shape)

@@ -247,9 +247,9 @@ def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMat
     return prove(cands, params, reference, top_k, pattern, act_hint=module, swiglu=_swiglu_params(module))
 
 
-def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None) -> ExpertsMatch:
+def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None, probes=None) -> ExpertsMatch:
     """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
-    two independent random routings."""
+    two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     dtypes = {p.dtype for p in params.values()}
@@ -267,31 +267,44 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
     trials = trials[:_MAX_CANDIDATES]
 
     device = next(iter(params.values())).device
-    best = float("inf")
+    best, failure = float("inf"), ""
+    given = probes
     with unset_fake_temporarily():
         params64 = {n: p.detach().to(torch.float64) for n, p in params.items()}
-        H, E = trials[0][0]["hidden"], trials[0][0]["num_experts"]
-        k = max(1, min(top_k, E))
-        probes = [_random_routing(E, k, H, device), _random_routing(E, min(E, k + 1), H, device, seed=1)]
-        try:
-            refs = [reference(params64, *p) for p in probes]
-        except Exception as e:  # noqa: BLE001 - reported, the code is left alone
-            return ExpertsMatch(None, reason=f"the experts code failed on float64 probe inputs: {e}", pattern=pattern)
-        if not all(isinstance(r, torch.Tensor) and r.shape == p[0].shape for r, p in zip(refs, probes)):
-            return ExpertsMatch(None, reason="the experts do not return one [tokens, hidden] tensor", pattern=pattern)
-        for kw, slots in trials:
-            spec = MoESpec(top_k=k, pattern=pattern, **kw)
-            errs = []
-            for probe, ref in zip(probes, refs):
-                errs.append(_relative_error(_fused_output(spec, slots, params64, *probe), ref))
-                if errs[-1] > _TOL:
-                    break
-            best = min(best, max(errs))
-            if max(errs) <= _TOL:
-                return ExpertsMatch(spec, slots, pattern=pattern)
+        # the shapes may allow several hidden sizes: probe each with inputs of that size
+        for H in dict.fromkeys(kw["hidden"] for kw, _ in trials):
+            E = trials[0][0]["num_experts"]
+            k = max(1, min(top_k, E))
+            if given is not None:
+                if given[0][0].shape[-1] != H:
+                    continue
+                probes = given
+            else:
+                probes = [_random_routing(E, k, H, device), _random_routing(E, min(E, k + 1), H, device, seed=1)]
+            try:
+                refs = [reference(params64, *p) for p in probes]
+            except Exception as e:  # noqa: BLE001 - this hidden size does not fit the code; reported if none does
+                failure = f"; the experts code failed on float64 probe inputs: {e}"
+                continue
+            if not all(isinstance(r, torch.Tensor) and r.shape == p[0].shape for r, p in zip(refs, probes)):
+                failure = "; the experts do not return one [tokens, hidden] tensor"
+                continue
+            for kw, slots in trials:
+                if kw["hidden"] != H:
+                    continue
+                spec = MoESpec(top_k=k, pattern=pattern, **kw)
+                errs = []
+                for probe, ref in zip(probes, refs):
+                    errs.append(_relative_error(_fused_output(spec, slots, params64, *probe), ref))
+                    if errs[-1] > _TOL:
+                        break
+                best = min(best, max(errs))
+                if max(errs) <= _TOL:
+                    return ExpertsMatch(spec, slots, pattern=pattern)
     return ExpertsMatch(
         None,
-        reason=f"no fused form equals the experts code (best of {len(trials)} candidates: rel. error {best:.1e})",
+        reason=f"no fused form equals the experts code (best of {len(trials)} candidates: rel. error {best:.1e})"
+        + failure,
         pattern=pattern,
     )
 

@@ -45,9 +45,9 @@ def _expert_lists(gm: fx.GraphModule):
         if pp is None:
             continue
         mod, pname = pp
-        m = re.match(r"^(.*)\.(\d+)(?:\.(.*))?$", mod)
-        if m:
-            lists[m.group(1)][int(m.group(2))][m.group(3) or ""][pname] = node
+        # every numeric component may be the list's index (model.layers.0.mlp.experts.3.w1 -> two candidates)
+        for m in re.finditer(r"\.(\d+)(?=\.|$)", mod):
+            lists[mod[: m.start()]][int(m.group(1))][mod[m.end() + 1:]][pname] = node
     return {k: v for k, v in lists.items() if sorted(v) == list(range(len(v))) and _looks_like_experts(v)}
 
 
@@ -120,10 +120,13 @@ def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node) -> f
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> list[Region]:
+    """``skip``: module paths other passes already matched."""
     regions = []
     for list_path, experts in _expert_lists(gm).items():
         parent = list_path.rsplit(".", 1)[0]
+        if _clean_path(parent) in skip:
+            continue
         region = _region(gm, parent, list_path)
         if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL, DISPATCH_COMBINE) for n in region):
             continue  # nothing there, or experts already captured as one node

@@ -192,10 +192,12 @@ def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Re
 
 
 def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    from .gshard import fuse_slot_experts
     from .inline import fuse_inline_experts
 
     regions = fuse_experts_calls(gm, rewrite)
-    regions += fuse_inline_experts(gm, rewrite)
+    regions += fuse_slot_experts(gm, rewrite)
+    regions += fuse_inline_experts(gm, rewrite, skip=[r.module_path for r in regions])
     regions += report_unfused_topk(gm, regions)
     if rewrite:
         gm.graph.lint()
