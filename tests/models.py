@@ -198,3 +198,26 @@ class GShardMoE(nn.Module):
         else:
             y = torch.cat([e(c) for e, c in zip(self.experts, d.chunk(self.E, dim=0))], dim=0)
         return torch.einsum("sec,ecm->sm", combine, y).reshape(shape)
+
+
+class InlineGatherMoE(nn.Module):
+    """Router and stacked 3D expert weights gathered per (token, choice), all in one forward, no decorator."""
+
+    def __init__(self, E, H, F, k, bias=True):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(torch.randn(E, 2 * F, H) / H**0.5)
+        self.w_out = nn.Parameter(torch.randn(E, H, F) / F**0.5)
+        self.b_in = nn.Parameter(torch.randn(E, 2 * F) * 0.1) if bias else None
+        self.k = k
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = torch.topk(torch.sigmoid(self.router(x)), self.k, dim=-1)
+        h = torch.einsum("th,tkfh->tkf", x, self.w_in[idx])
+        if self.b_in is not None:
+            h = h + self.b_in[idx]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("tkf,tkhf->tkh", F.silu(gate) * up, self.w_out[idx])
+        return (y * w.unsqueeze(-1)).sum(1).reshape(shape)

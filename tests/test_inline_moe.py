@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import moe_compile
 from helpers import grads_equal, rel_err
-from models import InlineMoE, LoopExperts, MoELayer, Net
+from models import GatherExperts, InlineGatherMoE, InlineMoE, LoopExperts, MoELayer, Net
 
 
 def _step(model, x):
@@ -72,3 +72,22 @@ def test_inline_inductor():
     torch.manual_seed(0)
     _check(Net(InlineMoE(4, 16, 32, 2, act="gelu"), 16), [torch.randn(2, 6, 16), torch.randn(3, 5, 16)],
            compiler="inductor")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inline_gather_of_stacked_weights(bias):
+    torch.manual_seed(0)
+    model = Net(InlineGatherMoE(4, 8, 6, 2, bias), 8)
+    regions = _check(model, [torch.randn(2, 5, 8), torch.randn(3, 4, 8)])
+    spec = regions[0].spec
+    assert (spec.stacked, spec.gate_layout, spec.weight_layout, spec.has_bias) == (True, "concat", "out_in", bias)
+    assert spec.router.score == "sigmoid"
+
+
+def test_undecorated_gather_experts_module():
+    torch.manual_seed(0)
+    experts = GatherExperts(4, 8, 6)
+    plain = type("PlainGather", (torch.nn.Module,), {"forward": GatherExperts._moe_compile_original_forward})()
+    plain.w_in, plain.w_out = experts.w_in, experts.w_out
+    regions = _check(Net(MoELayer(plain, 8, 4, 2), 8), [torch.randn(2, 5, 8)])
+    assert regions[0].module_path == "moe.experts" and regions[0].spec.activation == "gelu"

@@ -72,7 +72,7 @@ def _stacked_candidates(module, params: dict[str, torch.Tensor]):
     w3 = [n for n, p in params.items() if p.dim() == 3]
     b2 = [n for n, p in params.items() if p.dim() == 2]
     other = [n for n, p in params.items() if p.dim() not in (2, 3)]
-    if other or len(w3) not in (2, 3) or len(b2) not in (0, len(w3)):
+    if other or len(w3) not in (2, 3) or len(b2) > len(w3):
         return None, f"parameters are not 2-3 stacked [E, ., .] weights with optional [E, .] biases: {list(params)}"
     E = params[w3[0]].shape[0]
     if any(params[n].shape[0] != E for n in w3 + b2):
@@ -105,16 +105,15 @@ def _stacked_candidates(module, params: dict[str, torch.Tensor]):
             else:
                 continue
             N = 2 * F if gls[0] in ("concat", "interleaved") else F
-            for bias_order in itertools.permutations(b2) if b2 else [()]:
+            # each bias goes to one projection of its size (some projections may have none)
+            dims = {"b_gate": F, "b_up": N, "b_down": h_in} if gate else {"b_up": N, "b_down": h_in}
+            for assign in itertools.permutations(dims, len(b2)):
+                if any(params[b].shape[1] != dims[slot] for b, slot in zip(b2, assign)):
+                    continue
+                if gate and ("b_gate" in assign) != ("b_up" in assign):
+                    continue  # a separate gate and up carry biases together or not at all
                 slots = {"gate": [gate] if gate else [], "up": [first], "down": [down]}
-                if bias_order:
-                    bias_names = list(bias_order)
-                    want = ([F] if gate else []) + [N, h_in]
-                    if [params[n].shape[1] for n in bias_names] != want:
-                        continue
-                    if gate:
-                        slots["b_gate"] = [bias_names.pop(0)]
-                    slots["b_up"], slots["b_down"] = [bias_names[0]], [bias_names[1]]
+                slots.update({slot: [b] for b, slot in zip(b2, assign)})
                 for gl in gls:
                     kw = dict(num_experts=E, hidden=h_in, ffn=F, gate_layout=gl, weight_layout=layout,
                               stacked=True, has_bias=bool(b2))

@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from .detect import SLOTS, layer_candidates, prove
+from .detect import SLOTS, _stacked_candidates, layer_candidates, prove
 from .rewrite import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, _ancestors, _clean_path, _is, describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
@@ -89,15 +89,22 @@ def _region(gm: fx.GraphModule, parent: str, list_path: str):
         from_topk |= {t} | set(t.users)
     # what the top-k values alone feed (renormalisation, scaling) is router too
     for n in nodes:
-        if n in router or list_path in " ".join(_paths(n)):
+        if n in router or (list_path and list_path in " ".join(_paths(n))):
             continue
         ins = n.all_input_nodes
+        if _is(n, "unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "index_select"):
+            continue  # reshaping the routing weights for the combine belongs to the experts' region
         if (ins and all(a in router for a in ins) and any(a in from_topk for a in ins)
                 and not any(isinstance(_value(a), torch.Tensor) and not _value(a).is_floating_point() for a in ins)):
             router.add(n)
             from_topk.add(n)
     region = [n for n in nodes if n not in router]
     inside = set(region)
+    # size arithmetic on tensors from outside (x.shape for a final reshape) is not the experts' work
+    for n in region:
+        if not isinstance(_value(n), torch.Tensor) and not any(a in inside for a in n.all_input_nodes):
+            inside.discard(n)
+    region = [n for n in region if n in inside]
     # trailing shape ops stay outside: the fused op returns [T, H]
     while region:
         last = [n for n in region if any(u not in inside for u in n.users)]
@@ -120,26 +127,64 @@ def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node) -> f
     return fx.GraphModule(torch.nn.Module(), g)
 
 
+def _list_group(experts):
+    """A ModuleList group as (names -> placeholder, candidates or None, why)."""
+    names, layers = {}, []
+    for i in range(len(experts)):
+        row = []
+        for lname in sorted(experts[i]):
+            ps = experts[i][lname]
+            wn, bn = f"{i}.{lname}.weight", (f"{i}.{lname}.bias" if "bias" in ps else None)
+            names[wn] = ps["weight"]
+            if bn:
+                names[bn] = ps["bias"]
+            row.append((wn, bn))
+        layers.append(row)
+    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    cands, why = layer_candidates(layers, live)
+    return names, cands, why
+
+
+def _stacked_groups(gm: fx.GraphModule):
+    """{module path: {param name: placeholder}} for modules owning stacked [E, ., .] expert weights."""
+    groups = defaultdict(dict)
+    for node in gm.graph.nodes:
+        pp = _param_path(node)
+        if pp is not None:
+            groups[pp[0]][pp[1]] = node
+    return {m: ps for m, ps in groups.items() if any(_value_of(p).dim() == 3 for p in ps.values())}
+
+
+def _groups(gm: fx.GraphModule):
+    """(parent module path, path of the experts' own nodes, pattern, names -> placeholder, candidates, why)."""
+    for list_path, experts in _expert_lists(gm).items():
+        names, cands, why = _list_group(experts)
+        yield list_path.rsplit(".", 1)[0], list_path, f"inline nn.ModuleList of {len(experts)} experts", names, cands, why
+    for owner, ps in _stacked_groups(gm).items():
+        live = {n: _value_of(p) for n, p in ps.items()}
+        cands, why = _stacked_candidates(object(), live)
+        yield owner, None, "inline stacked [E, ., .] expert weights gathered per token", ps, cands, why
+
+
 def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> list[Region]:
     """``skip``: module paths other passes already matched."""
     regions = []
-    for list_path, experts in _expert_lists(gm).items():
-        parent = list_path.rsplit(".", 1)[0]
+    for parent, list_path, pattern, names, cands, why in _groups(gm):
         if _clean_path(parent) in skip:
             continue
         region = _region(gm, parent, list_path)
-        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL, DISPATCH_COMBINE) for n in region):
+        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL, DISPATCH_COMBINE)
+                             for n in region):
             continue  # nothing there, or experts already captured as one node
         inside = set(region)
         outputs = [n for n in region if any(u not in inside for u in n.users)]
-        params = {n for e in experts.values() for layer in e.values() for n in layer.values()}
+        params = set(names.values())
         ext = []
         for n in region:
             for a in n.all_input_nodes:
                 if a not in inside and a not in params and a not in ext:
                     ext.append(a)
         where = _clean_path(parent)
-        pattern = f"inline nn.ModuleList of {len(experts)} experts"
 
         def reject(reason):
             regions.append(Region(where, pattern, False, reason))
@@ -161,32 +206,10 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
         if w is None or x is None or _value(x).dim() != 2 or tuple(_value(out).shape) != tuple(_value(x).shape):
             reject("the region does not map hidden [T, H] with routing [T, k] to [T, H]")
             continue
-        # parameters by name; experts as lists of (weight, bias) layers in a stable order
-        names = {}
-        layers = []
-        for i in range(len(experts)):
-            row = []
-            for lname in sorted(experts[i]):
-                ps = experts[i][lname]
-                if set(ps) - {"weight", "bias"} or "weight" not in ps:
-                    row = None
-                    break
-                wn, bn = f"{i}.{lname}.weight", (f"{i}.{lname}.bias" if "bias" in ps else None)
-                names[wn] = ps["weight"]
-                if bn:
-                    names[bn] = ps["bias"]
-                row.append((wn, bn))
-            if row is None:
-                break
-            layers.append(row)
-        if len(layers) != len(experts):
-            reject("an expert holds parameters other than linear weights and biases")
-            continue
-        live = {n: p.meta["grapharg"].example for n, p in names.items()}
-        cands, why = layer_candidates(layers, live)
         if not cands:
             reject(why)
             continue
+        live = {n: p.meta["grapharg"].example for n, p in names.items()}
         sub = _extract(region, [x, idx, w, *names.values()], out)
         order = list(names)
 
