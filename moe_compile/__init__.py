@@ -32,3 +32,10 @@ def install_capture() -> None:
 install_capture()
 
 from .explain import explain  # noqa: E402
+from . import parallel  # noqa: E402  (registers moe_compile::parallel_experts)
+from .parallel import (  # noqa: E402
+    full_state_dict, get_parallel, is_expert_param, load_full_state_dict, parallel_report, parallelize, set_parallel,
+)
+
+__all__ += ["parallel", "parallelize", "set_parallel", "get_parallel", "is_expert_param", "parallel_report",
+            "full_state_dict", "load_full_state_dict"]

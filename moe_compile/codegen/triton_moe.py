@@ -40,13 +40,33 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ACT_CODES = {name: i for i, name in enumerate(("silu", "gelu", "gelu_tanh", "relu", "sigmoid", "identity", "swiglu_oai"))}
-_SWIGLU_OAI = _ACT_CODES["swiglu_oai"]
+_ACT_CODES = {n: i for i, n in enumerate(("silu", "gelu", "gelu_tanh", "relu", "sigmoid", "identity", "swiglu_oai"))}
 
 
 def is_available(x: torch.Tensor) -> bool:
     """Whether this path can run ``x``: a CUDA tensor of a dtype the kernels take, with triton importable."""
     return _HAS_TRITON and x.is_cuda and x.dtype in _DTYPES
+
+
+def fix_old_interpreter() -> None:
+    """For TRITON_INTERPRET runs (tests, dry runs) only: triton < 3.7's interpreter turns a scalar into a loop bound
+    with ``int(array of shape (1,))``, an error from numpy 2.4 on, so even tutorial 03's
+    ``for k in range(tl.cdiv(K, BLOCK_K))`` fails there. Patches in the later releases' ``squeeze()``; a no-op
+    where the interpreter already has it. Never called by the kernels' own code."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_moe_fixed", False) or "squeeze" in inspect.getsource(orig):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._moe_fixed = True
+    interpreter._patch_lang_tensor = patched
 
 
 def _jit(fn):
@@ -64,12 +84,13 @@ def _configs(rows: list[tuple], names: tuple[str, ...]) -> list:
     return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
 
-# Row-block GEMMs (BLOCK_M comes from the plan, see _block_m): (BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
-# The interpreter runs one small config (fast on CPU, and smaller than the test shapes so masks are exercised).
+# Row-block GEMMs (BLOCK_M comes from the plan, see _block_m): (BLOCK_N, BLOCK_K, GROUP_M, warps, stages), the
+# first of each list a sound default. The interpreter runs one small config (fast on CPU, and smaller than the test
+# shapes so that the masks are exercised).
 _ROW_CFG = [(32, 32, 4, 4, 1)] if _INTERPRET else [
-    (64, 64, 8, 4, 4), (128, 64, 8, 8, 3), (128, 32, 8, 4, 4), (256, 64, 8, 8, 3), (64, 128, 8, 4, 3)]
+    (128, 64, 8, 8, 3), (64, 64, 8, 4, 4), (128, 32, 8, 4, 4), (256, 64, 8, 8, 3), (64, 128, 8, 4, 3)]
 _GATED_CFG = [(32, 32, 4, 4, 1)] if _INTERPRET else [  # two accumulators: half the BLOCK_N of _ROW_CFG
-    (64, 64, 8, 4, 4), (64, 64, 8, 8, 3), (128, 64, 8, 8, 3), (32, 64, 8, 4, 4), (64, 128, 8, 8, 3)]
+    (64, 64, 8, 8, 3), (64, 64, 8, 4, 4), (128, 64, 8, 8, 3), (32, 64, 8, 4, 4), (64, 128, 8, 8, 3)]
 # Weight-gradient GEMMs: (BLOCK_M, BLOCK_N, BLOCK_K over the expert's rows, GROUP_M, warps, stages).
 _WGRAD_CFG = [(32, 32, 16, 4, 4, 1)] if _INTERPRET else [
     (128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
@@ -294,19 +315,22 @@ def route_reference(logits, top_k, *, score="softmax", renormalize=False, bias=N
 
 # ============================================================================================ dispatch plan
 @_jit
-def _align_kernel(starts_ptr, block_starts_ptr, sorted_ids_ptr, block_expert_ptr, n_valid, BLOCK_M: tl.constexpr):
-    """One program per expert: write its row blocks' expert id and its sorted row ids, padded to BLOCK_M with the
-    sentinel ``n_valid``."""
-    e = tl.program_id(0)
+def _align_kernel(starts_ptr, block_starts_ptr, sorted_ids_ptr, block_expert_ptr, n_valid, num_experts,
+                  BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program per row block: find its expert (the number of experts whose blocks end at or before it), then
+    write the expert id and that block's sorted row ids, padded to BLOCK_M with the sentinel ``n_valid``. Blocks
+    past the last expert's get expert -1."""
+    b = tl.program_id(0)
+    eo = tl.arange(0, BLOCK_E)
+    ends = tl.load(block_starts_ptr + 1 + eo, mask=eo < num_experts, other=2147483647)
+    e = tl.sum((ends <= b).to(tl.int32), 0)
+    used = e < num_experts
+    tl.store(block_expert_ptr + b, tl.where(used, e, -1))
+    e = tl.minimum(e, num_experts - 1)
     row0 = tl.load(starts_ptr + e)
-    row1 = tl.load(starts_ptr + e + 1)
-    b0 = tl.load(block_starts_ptr + e)
-    b1 = tl.load(block_starts_ptr + e + 1)
-    offs = tl.arange(0, BLOCK_M)
-    for b in range(b0, b1):
-        rows = row0 + (b - b0) * BLOCK_M + offs
-        tl.store(sorted_ids_ptr + b * BLOCK_M + offs, tl.where(rows < row1, rows, n_valid))
-        tl.store(block_expert_ptr + b, e)
+    row1 = tl.where(used, tl.load(starts_ptr + e + 1), row0)  # unused blocks: all padding
+    rows = row0 + (b - tl.load(block_starts_ptr + e)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + b * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(rows < row1, rows, n_valid))
 
 
 class Plan:
@@ -319,6 +343,8 @@ class Plan:
 
     def __init__(self, idx: torch.Tensor, num_experts: int, block_m: int | None = None):
         flat = idx.reshape(-1)
+        if flat.dtype not in (torch.int32, torch.int64):
+            flat = flat.long()
         E = num_experts
         self.top_k = idx.shape[-1] if idx.dim() > 1 else 1
         sorted_e, order = torch.sort(flat, stable=True)  # deterministic; dropped (== E) pairs sort last
@@ -332,9 +358,10 @@ class Plan:
         self.block_starts[1:] = torch.cumsum((counts + bm - 1) // bm, 0)
         self.num_blocks = (n + bm - 1) // bm + min(E, n)  # >= sum over experts of ceil(count / bm)
         self.sorted_ids = torch.empty(self.num_blocks * bm, dtype=torch.int32, device=flat.device)
-        self.block_expert = torch.full((self.num_blocks,), -1, dtype=torch.int32, device=flat.device)
+        self.block_expert = torch.empty(self.num_blocks, dtype=torch.int32, device=flat.device)
         if n:
-            _align_kernel[(E,)](self.starts, self.block_starts, self.sorted_ids, self.block_expert, n, BLOCK_M=bm)
+            _align_kernel[(self.num_blocks,)](self.starts, self.block_starts, self.sorted_ids, self.block_expert, n, E,
+                                              BLOCK_M=bm, BLOCK_E=triton.next_power_of_2(E))
 
 
 def _block_m(n_valid: int, num_experts: int) -> int:
@@ -350,57 +377,69 @@ def make_plan(idx: torch.Tensor, num_experts: int, block_m: int | None = None) -
 
 
 # ============================================================================================ grouped GEMMs
-@_autotune(_configs(_GATED_CFG, _ROW_NAMES), key=["F", "K", "BLOCK_M", "GATED"])
+@_autotune(_configs(_GATED_CFG, _ROW_NAMES), key=["F", "K", "BLOCK_M", "GATE"])
 @_jit
 def _gemm1_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, a_ptr, sorted_ids_ptr, order_ptr, block_expert_ptr,
     n_valid, top_k, F, K, up_off, num_m_blocks, alpha, limit,
     stride_xt, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     stride_hm, stride_hn, stride_am, stride_an,
-    ACT: tl.constexpr, GATED: tl.constexpr, COL_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WRITE_H: tl.constexpr, PREC: tl.constexpr,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """h = x[tok] @ W1[e] (+ b1), a = act(h) for one [BLOCK_M, BLOCK_N] tile of a. Gated: the program computes the
-    gate columns (n * COL_MUL) and the up columns (n * COL_MUL + up_off) of h for its BLOCK_N columns of a."""
+    """h = x[tok] @ W1[e] (+ b1) and a = act(h), for one [BLOCK_M, BLOCK_N] tile of a. GATE 0 (plain MLP): h columns
+    are a's columns. GATE 1 (concat / separate): a second accumulator for the up columns ``n + up_off``. GATE 2
+    (interleaved): one accumulator over the 2 * BLOCK_N contiguous columns (gate, up, gate, ...), split in the
+    epilogue (a stride-2 weight load would not vectorise)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m_blocks, tl.cdiv(F, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e < 0:
         return
     rows, row_ok, pair, tok = _plan_rows(sorted_ids_ptr, order_ptr, pid_m, n_valid, top_k, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of a
     n_ok = offs_n < F
-    col_g = offs_n * COL_MUL
-    col_u = col_g + up_off
+    if GATE == 2:
+        cols = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # columns of h and W1 of the main accumulator
+        cols_ok = cols < 2 * F
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    else:
+        cols = offs_n
+        cols_ok = n_ok
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    col_u = offs_n + up_off
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk  # the gather, fused into the load
-    wg_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + col_g[None, :] * stride_wn
+    w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
     wu_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + col_u[None, :] * stride_wn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc_g = _dot(xt, tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_g, PREC)
-        if GATED:
+        acc = _dot(xt, tl.load(w_ptrs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0), acc, PREC)
+        if GATE == 1:
             acc_u = _dot(xt, tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0), acc_u, PREC)
         x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e * stride_be + col_g * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
+        acc += tl.load(b_ptr + e * stride_be + cols * stride_bn, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        if GATE == 1:
             acc_u += tl.load(b_ptr + e * stride_be + col_u * stride_bn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mask = row_ok[:, None] & n_ok[None, :]
     if WRITE_H:
-        tl.store(h_ptr + rows[:, None] * stride_hm + col_g[None, :] * stride_hn, acc_g, mask=mask)
-        if GATED:
-            tl.store(h_ptr + rows[:, None] * stride_hm + col_u[None, :] * stride_hn, acc_u, mask=mask)
-    if GATED:
-        act = _glu(acc_g, acc_u, alpha, limit, ACT)
+        tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, acc,
+                 mask=row_ok[:, None] & cols_ok[None, :])
+        if GATE == 1:
+            tl.store(h_ptr + rows[:, None] * stride_hm + col_u[None, :] * stride_hn, acc_u,
+                     mask=row_ok[:, None] & n_ok[None, :])
+    if GATE == 0:
+        act = _act(acc, ACT)
+    elif GATE == 1:
+        act = _glu(acc, acc_u, alpha, limit, ACT)
     else:
-        act = _act(acc_g, ACT)
-    tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an, act, mask=mask)
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        act = _glu(gate, up, alpha, limit, ACT)
+    tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an, act,
+             mask=row_ok[:, None] & n_ok[None, :])
 
 
 @_jit
@@ -554,7 +593,12 @@ def _wgrad_kernel(
     tl.store(dw_ptr + e * stride_de + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn, acc,
              mask=m_ok[:, None] & n_ok[None, :])
     if HAS_DB:
-        tl.store(db_ptr + e * stride_dbe + offs_n * stride_dbn, db, mask=n_ok & (tl.zeros([BLOCK_N], dtype=tl.int32) + pid_m == 0))
+        first = tl.zeros([BLOCK_N], dtype=tl.int32) + pid_m == 0  # a vector: see _gemm_dact_kernel
+        tl.store(db_ptr + e * stride_dbe + offs_n * stride_dbn, db, mask=n_ok & first)
+
+
+_AUTOTUNED = (_gemm1_kernel, _gemm_scatter_kernel, _gemm_scatter_atomic_kernel, _gemm_dact_kernel, _wgrad_kernel)
+"""The autotuned kernels (their ``.configs`` may be narrowed, e.g. to skip tuning in a quick check)."""
 
 
 # ============================================================================================ launchers
@@ -569,9 +613,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _gate_cols(spec: MoESpec) -> tuple[int, int]:
-    """(COL_MUL, up_off): gate column of output j is j * COL_MUL, its up column j * COL_MUL + up_off."""
-    return (2, 1) if spec.gate_layout == "interleaved" else (1, spec.ffn)
+def _gate(spec: MoESpec) -> tuple[int, int, int]:
+    """(GATE code of _gemm1_kernel, COL_MUL, up_off): the gate column of a's column j is j * COL_MUL, its up column
+    j * COL_MUL + up_off."""
+    if not spec.gated:
+        return 0, 1, 0
+    return (2, 2, 1) if spec.gate_layout == "interleaved" else (1, 1, spec.ffn)
 
 
 def _check(spec: MoESpec, x: torch.Tensor):
@@ -627,9 +674,10 @@ def _wgrad(plan, a, b, rw, M: int, N: int, E: int, a_gather: bool, b_gather: boo
     return dw, db
 
 
-def experts_forward(spec: MoESpec, x, idx, w, wts: cpu.Weights, *, deterministic: bool = True):
+def experts_forward(spec: MoESpec, x, idx, w, wts: cpu.Weights, *, deterministic: bool = True, save: bool = True):
     """As :func:`cpu.experts_forward`: ``(out [T, H], (h [S, N], y [S, H]))`` with h and y in sorted order.
-    ``deterministic=False`` combines with float atomics instead of the [T*k, H] buffer."""
+    ``deterministic=False`` combines with float atomics instead of the [T*k, H] buffer; ``save=False`` (inference)
+    writes neither h nor y and returns ``(out, (None, None))``."""
     _check(spec, x)
     dt = x.dtype
     T, H = x.shape
@@ -639,25 +687,27 @@ def experts_forward(spec: MoESpec, x, idx, w, wts: cpu.Weights, *, deterministic
     with _device(x):
         plan = make_plan(idx, spec.num_experts)
         S = plan.n_valid
-        h, a, y = x.new_empty(S, N), x.new_empty(S, F), x.new_empty(S, H)
+        a = x.new_empty(S, F)
+        h, y = (x.new_empty(S, N), x.new_empty(S, H)) if save else (None, None)
         if S:
-            col_mul, up_off = _gate_cols(spec)
-            b1 = wts.b1
+            gate, _, up_off = _gate(spec)
+            b1, hh = wts.b1, h if save else a
             _gemm1_kernel[_rows_grid(plan, F)](
-                x, w1, b1 if b1 is not None else w1, h, a, plan.sorted_ids, plan.order, plan.block_expert,
+                x, w1, b1 if b1 is not None else w1, hh, a, plan.sorted_ids, plan.order, plan.block_expert,
                 S, plan.top_k, F, H, up_off, plan.num_blocks, float(spec.act_alpha), float(spec.act_limit),
                 x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
                 b1.stride(0) if b1 is not None else 0, b1.stride(1) if b1 is not None else 0,
-                h.stride(0), h.stride(1), a.stride(0), a.stride(1),
-                ACT=_ACT_CODES[spec.activation], GATED=spec.gated, COL_MUL=col_mul, HAS_BIAS=b1 is not None,
-                WRITE_H=True, PREC=_precision(dt), BLOCK_M=plan.block_m,
+                hh.stride(0), hh.stride(1), a.stride(0), a.stride(1),
+                ACT=_ACT_CODES[spec.activation], GATE=gate, HAS_BIAS=b1 is not None, WRITE_H=save,
+                PREC=_precision(dt), BLOCK_M=plan.block_m,
             )
         out = _scatter(plan, a, w2, wts.b2, y, w.reshape(-1).contiguous(), T, dt, deterministic)
     return out, (h, y)
 
 
 def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: cpu.Weights, h, y, *, deterministic: bool = True):
-    """As :func:`cpu.experts_backward`: ``(dx, dw shaped like w, Weights(dw1, dw2, db1, db2))``."""
+    """As :func:`cpu.experts_backward`: ``(dx, dw shaped like w, Weights(dw1, dw2, db1, db2))``; ``h`` and ``y``
+    are the forward's (rows past S, as the op's zero padding, are not read)."""
     _check(spec, x)
     dt = x.dtype
     T, H = x.shape
@@ -669,22 +719,21 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: cpu.Weights, h, y,
     with _device(x):
         plan = make_plan(idx, E)
         S = plan.n_valid
-        dh, a = x.new_empty(S, N), x.new_empty(S, F)
         dw = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
-        if S:
-            col_mul, up_off = _gate_cols(spec)
-            _gemm_dact_kernel[_rows_grid(plan, F)](
-                g, w2, h, y, rw, dh, a, dw, plan.sorted_ids, plan.order, plan.block_expert,
-                S, plan.top_k, F, H, up_off, plan.num_blocks, float(spec.act_alpha), float(spec.act_limit),
-                g.stride(0), g.stride(1), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0), h.stride(1),
-                y.stride(0), y.stride(1), dh.stride(0), dh.stride(1), a.stride(0), a.stride(1),
-                ACT=_ACT_CODES[spec.activation], GATED=spec.gated, COL_MUL=col_mul, PREC=_precision(dt),
-                BLOCK_M=plan.block_m,
-            )
         if not S:  # every pair dropped
             zeros = lambda t: None if t is None else torch.zeros(t.shape, dtype=dt, device=x.device)  # noqa: E731
-            return torch.zeros_like(x), dw.view(w.shape), cpu.Weights(zeros(w1), zeros(w2), zeros(wts.b1),
-                                                                      zeros(wts.b2))
+            return torch.zeros_like(x), dw.view(w.shape), cpu.Weights(*map(zeros, (w1, w2, wts.b1, wts.b2)))
+        # da = w * grad_out[tok] @ W2^T -> dh, a (recomputed) and d(routing weights)
+        dh, a = x.new_empty(S, N), x.new_empty(S, F)
+        _, col_mul, up_off = _gate(spec)
+        _gemm_dact_kernel[_rows_grid(plan, F)](
+            g, w2, h, y, rw, dh, a, dw, plan.sorted_ids, plan.order, plan.block_expert,
+            S, plan.top_k, F, H, up_off, plan.num_blocks, float(spec.act_alpha), float(spec.act_limit),
+            g.stride(0), g.stride(1), w2.stride(0), w2.stride(2), w2.stride(1), h.stride(0), h.stride(1),
+            y.stride(0), y.stride(1), dh.stride(0), dh.stride(1), a.stride(0), a.stride(1),
+            ACT=_ACT_CODES[spec.activation], GATED=spec.gated, COL_MUL=col_mul, PREC=_precision(dt),
+            BLOCK_M=plan.block_m,
+        )
         # dW1 = x[tok]^T dh (+ db1 = sum dh); dW2 = a^T (grad_out[tok] * w) (+ db2 = sum of the same)
         dw1, db1 = _wgrad(plan, x, dh, None, H, N, E, True, False, wts.b1 is not None, dt)
         dw2, db2 = _wgrad(plan, a, g, rw, F, H, E, False, True, wts.b2 is not None, dt)

@@ -157,6 +157,12 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
     return regions
 
 
+def _experts_ops() -> tuple:
+    parallel = getattr(torch.ops.moe_compile, "parallel_experts", None)  # registered by moe_compile.parallel
+    slots = torch.ops.moe_compile.experts_slots.default
+    return (EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE, slots) + ((parallel.default,) if parallel is not None else ())
+
+
 def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Region]:
     """Top-k routers whose results reach no experts op and lie in no fused region: MoE-like regions left alone."""
     fused_paths = [r.module_path for r in fused if r.fused]
@@ -171,7 +177,7 @@ def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Re
         while todo and not reaches:
             n = todo.pop()
             for u in n.users:
-                if u.op == "call_function" and u.target in (EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE):
+                if u.op == "call_function" and u.target in _experts_ops():
                     reaches = True
                     break
                 if u not in seen:

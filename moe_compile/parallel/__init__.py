@@ -1,0 +1,34 @@
+"""Data, expert and tensor parallelism for experts modules, switchable on every call.
+
+    moe_compile.parallelize(model, mode="auto")     # every rank, before DDP / torch.compile / the optimizer
+    model = DistributedDataParallel(model)          # all-reduces the dense parameters only
+    model = torch.compile(model, backend="moe")
+    ...
+    moe_compile.set_parallel(model, "data")         # any step; no recompile
+
+See ``docs/parallel.md``. Modules: ``layout`` (where weights live), ``dispatch`` (where tokens go), ``comm``
+(functional collectives, hierarchical all-to-all), ``cost`` (the auto mode's model), ``state`` (per-mode math),
+``op`` (the custom op), ``find`` (finding experts modules), ``api`` (the functions below).
+"""
+from __future__ import annotations
+
+from .api import (
+    full_state_dict,
+    get_parallel,
+    is_expert_param,
+    load_full_state_dict,
+    parallel_report,
+    parallelize,
+    set_parallel,
+    set_rates,
+)
+from .cost import INFINIBAND, NVLINK, Rates
+from .layout import ParallelError
+from .op import PARALLEL_EXPERTS
+from .state import MODES
+
+__all__ = [
+    "parallelize", "set_parallel", "get_parallel", "is_expert_param", "parallel_report", "full_state_dict",
+    "load_full_state_dict", "set_rates", "Rates", "NVLINK", "INFINIBAND", "ParallelError", "MODES",
+    "PARALLEL_EXPERTS",
+]

@@ -1,0 +1,468 @@
+"""Multi-process harness and toy MoE models for the parallel tests and benchmark (gloo on CPU).
+
+``WorkerPool(W)`` starts ``W`` spawned processes once, joined in a gloo process group (rendezvous through a file,
+so no port is ever guessed), and runs module-level functions on all of them: ``pool.run(fn, *args)`` returns the
+``W`` results, or raises with every failing rank's traceback. Every wait is bounded: a hung collective fails the
+call after ``timeout`` seconds (and the pool is then closed) instead of hanging the test run.
+
+``compare(case)`` is the equivalence check the tests run on every rank: a model, a copy parallelized over the
+group, and the single-process model on the concatenation of all ranks' tokens; it returns the largest relative
+differences of outputs, input gradients, dense and expert parameter gradients, step after step (SGD), with the
+parallel mode switched as ``case["modes"]`` says.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import math
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import moe_compile
+
+# --------------------------------------------------------------------------------------------- process pool
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _worker(rank: int, world: int, init_file: str, inq, outq, env: dict) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+    except BaseException:  # noqa: BLE001
+        outq.put((rank, False, traceback.format_exc()))
+        return
+    outq.put((rank, True, "ready"))
+    while True:
+        task = inq.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            outq.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            outq.put((rank, False, traceback.format_exc()))
+    # no destroy_process_group: its teardown can wait on peers that already left; the process exit frees all
+
+
+class WorkerPool:
+    def __init__(self, world_size: int, env: dict | None = None, timeout: float = 120.0):
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.timeout = timeout
+        self._dir = tempfile.mkdtemp(prefix="moe_parallel_")
+        init_file = os.path.join(self._dir, "rendezvous")
+        self._in = [ctx.Queue() for _ in range(world_size)]
+        self._out = ctx.Queue()
+        env = {"OMP_NUM_THREADS": "1", **(env or {})}
+        self._procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, self._in[r], self._out, env),
+                                   daemon=True) for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self.closed = False
+        self._collect(timeout)  # every rank joined the group
+
+    def _collect(self, timeout: float) -> list:
+        results: list = [None] * self.world_size
+        errors = {}
+        deadline = time.monotonic() + timeout
+        for _ in range(self.world_size):
+            left = deadline - time.monotonic()
+            try:
+                rank, ok, val = self._out.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                self.close()
+                raise WorkerError(f"parallel workers gave no answer within {timeout:.0f} s (hung collective?); "
+                                  f"errors so far: {errors}") from None
+            if ok:
+                results[rank] = val
+            else:
+                errors[rank] = val
+        if errors:
+            msg = "\n".join(f"--- rank {r}:\n{tb}" for r, tb in sorted(errors.items()))
+            raise WorkerError(f"parallel workers failed:\n{msg}")
+        return results
+
+    def run(self, fn, *args, timeout: float | None = None, **kwargs) -> list:
+        """Run ``fn(*args, **kwargs)`` on every rank; the ranks' results, in rank order."""
+        if self.closed:
+            raise WorkerError("the worker pool is closed")
+        for q in self._in:
+            q.put((fn, args, kwargs))
+        return self._collect(timeout or self.timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for q in self._in:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001
+                pass
+        for p in self._procs:
+            p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_SHARED: dict[int, WorkerPool] = {}
+
+
+def shared_pool(world_size: int, timeout: float = 240.0) -> WorkerPool:
+    """One pool per world size for the whole process (test files share it), closed at exit."""
+    pool = _SHARED.get(world_size)
+    if pool is None or pool.closed:
+        pool = _SHARED[world_size] = WorkerPool(world_size, timeout=timeout)
+        if len(_SHARED) == 1:
+            atexit.register(_close_shared)
+    return pool
+
+
+def _close_shared() -> None:
+    for pool in _SHARED.values():
+        pool.close()
+
+
+# --------------------------------------------------------------------------------------------- toy models
+def _loop_experts(x, idx, w, mlp):
+    """The experts contract, one expert at a time (eager reference): ``mlp(e, rows) -> [rows, H]``."""
+    out = torch.zeros_like(x)
+    for e in range(int(idx.max()) + 1 if idx.numel() else 0):
+        tok, slot = torch.where(idx == e)
+        if tok.numel() == 0:
+            continue
+        y = mlp(e, x[tok])
+        if y is None:  # the "dropped" id
+            continue
+        out.index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
+    return out
+
+
+@moe_compile.experts
+class StackedExperts(nn.Module):
+    """HF-style stacked experts: ``gate_up [E, 2F, H]`` ([gate | up]), ``down [E, H, F]``, SwiGLU, optional biases."""
+
+    def __init__(self, E: int, H: int, F: int, bias: bool = False):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up = nn.Parameter(torch.randn(E, 2 * F, H) * H ** -0.5)
+        self.down = nn.Parameter(torch.randn(E, H, F) * F ** -0.5)
+        if bias:
+            self.gate_up_bias = nn.Parameter(torch.randn(E, 2 * F) * 0.1)
+            self.down_bias = nn.Parameter(torch.randn(E, H) * 0.1)
+        else:
+            self.gate_up_bias = self.down_bias = None
+
+    def _mlp(self, e, xs):
+        if e >= self.num_experts:
+            return None
+        h = xs @ self.gate_up[e].t()
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[e]
+        g, u = h.chunk(2, -1)
+        y = (F.silu(g) * u) @ self.down[e].t()
+        return y + self.down_bias[e] if self.down_bias is not None else y
+
+    def forward(self, x, topk_idx, topk_weights):
+        return _loop_experts(x, topk_idx, topk_weights, self._mlp)
+
+
+class MLP(nn.Module):
+    def __init__(self, H: int, F: int, bias: bool = True):
+        super().__init__()
+        self.w1 = nn.Linear(H, F, bias=bias)  # gate
+        self.w3 = nn.Linear(H, F, bias=bias)  # up
+        self.w2 = nn.Linear(F, H, bias=bias)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ListExperts(nn.Module):
+    """A hand-written experts module: an ``nn.ModuleList`` of MLPs (found by structure, not decorated)."""
+
+    def __init__(self, E: int, H: int, F: int, bias: bool = True, sizes: list[int] | None = None):
+        super().__init__()
+        self.experts = nn.ModuleList(MLP(H, (sizes or [F] * E)[e], bias) for e in range(E))
+
+    def forward(self, x, topk_idx, topk_weights):
+        n = len(self.experts)
+        return _loop_experts(x, topk_idx, topk_weights, lambda e, xs: self.experts[e](xs) if e < n else None)
+
+
+def hf_experts(family: str, E: int, H: int, F: int):
+    """A transformers experts module (``mixtral``: concat SwiGLU; ``gpt_oss``: interleaved, transposed, biases)."""
+    import transformers
+
+    if family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+        cfg = transformers.MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E)
+    elif family == "gpt_oss":
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+
+        cfg = transformers.GptOssConfig(hidden_size=H, intermediate_size=F, num_local_experts=E)
+    else:
+        raise ValueError(family)
+    m = cls(cfg)
+    fan_in = -2 if getattr(m, "is_transposed", False) else -1  # GPT-OSS stores [E, in, out]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.5 * p.shape[fan_in] ** -0.5 if p.dim() == 3 else 0.05)
+    return m
+
+
+def make_experts(kind: str, E: int, H: int, F: int):
+    if kind == "stacked":
+        return StackedExperts(E, H, F)
+    if kind == "stacked_bias":
+        return StackedExperts(E, H, F, bias=True)
+    if kind == "list":
+        return ListExperts(E, H, F)
+    return hf_experts(kind, E, H, F)
+
+
+class MoEBlock(nn.Module):
+    """Router (softmax top-k, renormalised when k > 1) + experts, residual. ``routing`` forces patterns for tests:
+    ``"one"`` sends every token to experts ``0 .. k-1`` (all on expert 0 when k = 1); ``"drop"`` drops about a
+    third of the tokens (id E); a ``capacity_factor`` drops the choices beyond each expert's capacity, as a
+    capacity router does."""
+
+    def __init__(self, experts: nn.Module, E: int, H: int, k: int, routing: str = "router",
+                 capacity_factor: float | None = None):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = experts
+        self.num_experts, self.top_k, self.routing = E, k, routing
+        self.capacity_factor = capacity_factor
+
+    def route(self, x):
+        E, k = self.num_experts, self.top_k
+        probs = F.softmax(self.router(x), dim=-1)
+        if self.routing == "one":  # every token on experts 0 .. k-1 (expert 0 first), weighted by their scores
+            idx = torch.arange(k, device=x.device).expand(x.shape[0], k).contiguous()
+            w = probs.gather(1, idx)
+        else:
+            w, idx = torch.topk(probs, k, dim=-1)
+            if k > 1:  # (a renormalised top-1 weight would be p / p: gradient noise over p)
+                w = w / w.sum(-1, keepdim=True)
+        if self.routing == "drop":
+            drop = (x.detach()[:, :1] * 7).floor().remainder(3) == 0
+            idx = torch.where(drop.expand_as(idx), torch.full_like(idx, E), idx)
+        if self.capacity_factor is not None:
+            cap = max(1, int(math.ceil(self.capacity_factor * x.shape[0] * k / E)))
+            onehot = F.one_hot(idx.t().reshape(-1), E + 1)  # slot-major: earlier choices first
+            pos = (onehot.cumsum(0) * onehot).sum(-1).view(k, -1).t()
+            idx = torch.where(pos > cap, torch.full_like(idx, E), idx)
+        return idx, w
+
+    def forward(self, x):
+        idx, w = self.route(x)
+        return x + self.experts(x, idx, w)
+
+
+class ToyMoE(nn.Module):
+    """A dense input layer and ``layers`` MoE blocks on ``[T, H]`` tokens."""
+
+    def __init__(self, kind: str = "stacked", E: int = 4, H: int = 16, F: int = 8, k: int = 2, layers: int = 2,
+                 routing: str = "router", capacity_factor: float | None = None):
+        super().__init__()
+        self.inp = nn.Linear(H, H)
+        self.blocks = nn.ModuleList(MoEBlock(make_experts(kind, E, H, F), E, H, k, routing, capacity_factor)
+                                    for _ in range(layers))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------- equivalence
+def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+    """Largest difference relative to ``b``'s largest magnitude (at least ``floor``)."""
+    a, b = a.detach().double(), b.detach().double()
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
+
+
+def compare(case: dict) -> dict:
+    """Run on every rank of a pool. ``case``: kind, E, H, F, k, layers, routing, capacity_factor, tokens (per
+    rank), modes (one per step; the first is passed to parallelize), lr, seed, compile (None, "aot_eager",
+    "inductor"), local_world_size. Returns {quantity: largest relative difference} plus facts for the tests."""
+    from . import api
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    tokens = case["tokens"]
+    assert len(tokens) == W, (tokens, W)
+    torch.manual_seed(case.get("seed", 0))
+    model = ToyMoE(case.get("kind", "stacked"), case["E"], case.get("H", 16), case.get("F", 8), case.get("k", 2),
+                   case.get("layers", 2), case.get("routing", "router"), case.get("capacity_factor"))
+    ref = copy.deepcopy(model)
+    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0],
+                          local_world_size=case.get("local_world_size"))
+    run = par
+    if case.get("compile"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(par, backend="moe", options={"compiler": case["compile"]}, fullgraph=True)
+    lr = case.get("lr", 0.01)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt_par = torch.optim.SGD(par.parameters(), lr=lr)
+    errs: dict[str, float] = {}
+    facts: dict = {"modes_run": [], "reports": [], "per_step": [], "where": {}}
+
+    def note(name, value, what=""):
+        if name in errs and math.isnan(errs[name]):
+            return
+        if name not in errs or math.isnan(value) or value > errs[name]:
+            errs[name] = value
+            facts["where"][name] = f"step {len(facts['per_step']) - 1} {what}"
+        facts["per_step"][-1][name] = max(facts["per_step"][-1].get(name, 0.0), value)
+
+    H = case.get("H", 16)
+    lo, hi = sum(tokens[:rank]), sum(tokens[: rank + 1])
+    for step, mode in enumerate(case["modes"]):
+        api.set_parallel(par, mode)
+        facts["per_step"].append({"mode": mode})
+        g = torch.Generator().manual_seed(1000 * case.get("seed", 0) + step)
+        x_all = torch.randn(sum(tokens), H, generator=g)
+        c_all = torch.randn(sum(tokens), H, generator=g)
+        # the single-process model on every rank's tokens; loss = sum of the ranks' (squared error) losses.
+        # A capacity router decides per batch, so then the reference sees each rank's batch separately.
+        opt_ref.zero_grad(set_to_none=True)
+        xr = x_all.clone().requires_grad_()
+        if case.get("capacity_factor") is None:
+            out_ref = ref(xr)
+        else:
+            bounds = [sum(tokens[:r]) for r in range(W + 1)]
+            out_ref = torch.cat([ref(xr[bounds[r]:bounds[r + 1]]) for r in range(W)])
+        (0.5 * (out_ref - c_all) ** 2).sum().backward()
+        # the parallel model on this rank's tokens
+        opt_par.zero_grad(set_to_none=True)
+        x = x_all[lo:hi].clone().requires_grad_()
+        out = run(x)
+        (0.5 * (out - c_all[lo:hi]) ** 2).sum().backward()
+        note("out", rel(out.detach(), out_ref.detach()[lo:hi]))
+        note("dx", rel(x.grad, xr.grad[lo:hi]))
+        ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
+        # a gradient that is zero in exact arithmetic (a renormalised top-1 router's) is compared with the
+        # model's gradient scale: 1% of the largest gradient
+        floor = max(1e-2 * max(float(g.abs().max()) for g in ref_grads.values() if g.numel()), 1e-12)
+        for n, p in par.named_parameters():
+            if api.is_expert_param(p) or p.grad is None:
+                continue
+            dist.all_reduce(p.grad)  # dense: sum over ranks (what DDP does, up to its 1/W)
+            note("dense_grad", rel(p.grad, ref_grads[n], floor), n)
+        for path, m in api._modules(par):
+            pre = f"{path}."
+            full = {n: ref_grads[pre + n] for s in m._moe_parallel.full_names.values() for n in s}
+            want = api.local_from_full(m, full)
+            for n, v in want.items():
+                got = m.get_parameter(n).grad
+                note("expert_grad", rel(got if got is not None else torch.zeros_like(v), v, floor), n)
+            facts["modes_run"].append(m._moe_parallel.stats.last_mode)
+        opt_ref.step()
+        opt_par.step()
+        facts["reports"].append(str(api.parallel_report(par)))
+        # the updated shards still assemble into the single-process model's weights ...
+        full = api.full_state_dict(par)
+        sd = ref.state_dict()
+        assert set(full) == set(sd), set(full) ^ set(sd)
+        for n in sd:
+            note("weights", rel(full[n], sd[n]), n)
+        # ... and the next step starts from exactly the same weights (no drift between the two runs)
+        api.load_full_state_dict(par, sd)
+    facts["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    facts["ignored"] = list(par._ddp_params_and_buffers_to_ignore)
+    facts["hierarchical"] = [m._moe_parallel.stats.last_hierarchical for _, m in api._modules(par)]
+    facts["capacity"] = [m._moe_parallel.stats.capacity for _, m in api._modules(par)]
+    return {"errors": errs, **facts}
+
+
+def ddp_compare(case: dict) -> dict:
+    """Run on every rank: ``parallelize -> DDP -> (torch.compile)`` training steps (SGD, loss = mean squared error
+    over the rank's tokens) against the single-process model on the global batch with the mean loss.
+    ``case``: kind, E, H, F, k, tokens (per rank, all equal), modes, lr, seed, compile."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from . import api
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    T = case["tokens"]
+    H = case.get("H", 16)
+    torch.manual_seed(case.get("seed", 0))
+    model = ToyMoE(case.get("kind", "stacked"), case["E"], H, case.get("F", 8), case.get("k", 2), case.get("layers", 2))
+    ref = copy.deepcopy(model)
+    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0])
+    ddp = DistributedDataParallel(par)
+    run = ddp
+    if case.get("compile"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        run = torch.compile(ddp, backend="moe", options={"compiler": case["compile"]})
+    lr = case.get("lr", 0.05)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr)
+    opt_par = torch.optim.SGD(par.parameters(), lr=lr)
+    errs: dict[str, float] = {}
+
+    def note(name, value):
+        errs[name] = value if math.isnan(value) else max(errs.get(name, 0.0), value)
+
+    for step, mode in enumerate(case["modes"]):
+        api.set_parallel(par, mode)
+        g = torch.Generator().manual_seed(1000 * case.get("seed", 0) + step)
+        x_all = torch.randn(W * T, H, generator=g)
+        c_all = torch.randn(W * T, H, generator=g)
+        opt_ref.zero_grad(set_to_none=True)
+        loss_ref = 0.5 * ((ref(x_all) - c_all) ** 2).sum(-1).mean()
+        loss_ref.backward()
+        opt_par.zero_grad(set_to_none=True)
+        sl = slice(rank * T, (rank + 1) * T)
+        loss = 0.5 * ((run(x_all[sl]) - c_all[sl]) ** 2).sum(-1).mean()
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        note("loss", rel(mean_loss / W, loss_ref.detach()))
+        ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
+        floor = max(1e-2 * max(float(v.abs().max()) for v in ref_grads.values()), 1e-12)
+        for n, p in par.named_parameters():
+            if not api.is_expert_param(p):
+                note("dense_grad", rel(p.grad, ref_grads[n], floor))  # DDP averaged it
+        for path, m in api._modules(par):
+            full = {n: ref_grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
+            for n, v in api.local_from_full(m, full).items():
+                note("expert_grad", rel(m.get_parameter(n).grad, v, floor))
+        opt_ref.step()
+        opt_par.step()
+        full_sd = api.full_state_dict(par)
+        note("weights", max(rel(full_sd[n], v) for n, v in ref.state_dict().items()))
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if case.get("compile") else 0
+    return {"errors": errs, "graphs": graphs}
