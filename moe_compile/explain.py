@@ -14,6 +14,7 @@ class Report:
     graph_breaks: int = 0
     break_reasons: list[str] = field(default_factory=list)
     graphs: int = 0
+    parallel: object = None  # moe_compile.parallel.ParallelReport of a parallelized model (what "auto" chose)
 
     @property
     def fused(self) -> list[Region]:
@@ -29,12 +30,16 @@ class Report:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
         for reason in self.break_reasons:
             lines.append(f"graph break: {reason}")
+        if self.parallel is not None and getattr(self.parallel, "blocks", None):
+            lines.append(str(self.parallel))
         return "\n".join(lines)
 
 
 def explain(model, *args, **kwargs) -> Report:
     """Trace ``model(*args, **kwargs)`` as ``torch.compile(model, backend="moe")`` would, without compiling or
-    running the fused ops, and report every MoE region: fused or not, and why."""
+    running the fused ops, and report every MoE region: fused or not, and why. It resets Dynamo's caches (a model
+    compiled earlier recompiles on its next call). For a parallelized model it also reports each block's parallel
+    mode and what ``auto`` chose; it runs the model, so every rank must call it."""
     from . import install_capture
 
     install_capture()
@@ -51,4 +56,7 @@ def explain(model, *args, **kwargs) -> Report:
     torch._dynamo.reset()
     torch.compile(model, backend=collect)(*args, **kwargs)
     torch._dynamo.reset()
+    from .parallel import parallel_report
+
+    report.parallel = parallel_report(model)
     return report
