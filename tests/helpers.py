@@ -83,3 +83,12 @@ def count_op_calls(fn, op_prefix="moe_compile::") -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return sum(e.count for e in prof.key_averages() if e.key.startswith(op_prefix))
+
+
+def out_and_grads(model, x):
+    """``model(x)``, backward of its mean square; the output and every parameter gradient by (unwrapped) name."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.pow(2).mean().backward()
+    return out.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
+                          if p.grad is not None}

@@ -7,17 +7,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_compile
-from helpers import count_op_calls, grads_equal, rel_err
+from helpers import out_and_grads as _step, count_op_calls, grads_equal, rel_err
 from models import DecoratedLoopExperts, GatherExperts, LoopExperts, MoELayer, Net, NormedExperts
 from moe_compile.passes.detect import SLOTS, detect_experts_module
 
 
-def _step(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    out.pow(2).mean().backward()
-    return out.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
-                          if p.grad is not None}
 
 
 def _check_equal(model, x, tol=1e-4):

@@ -3,19 +3,13 @@ import pytest
 import torch
 
 import moe_compile
-from helpers import grads_equal, rel_err
+from helpers import out_and_grads as _step, grads_equal, rel_err
 from models import GShardMoE, Net
 from moe_compile.ops import experts_slots, slots_to_topk
 from moe_compile.passes.gshard import topk_to_slots
 from moe_compile.spec import MoESpec
 
 
-def _step(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    out.pow(2).mean().backward()
-    return out.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
-                          if p.grad is not None}
 
 
 @pytest.mark.parametrize("k", [1, 2])

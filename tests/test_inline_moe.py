@@ -5,16 +5,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_compile
-from helpers import grads_equal, rel_err
+from helpers import out_and_grads as _step, grads_equal, rel_err
 from models import GatherExperts, InlineGatherMoE, InlineMoE, LoopExperts, MoELayer, Net
 
 
-def _step(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    out.pow(2).mean().backward()
-    return out.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
-                          if p.grad is not None}
 
 
 def _check(model, xs, compiler="aot_eager", tol=1e-4):
