@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .capture import keyed_experts_op
 from .codegen import cpu
 from .spec import MoESpec
 
@@ -173,54 +174,14 @@ def _dispatch_combine(module, experts, names, params, x, idx, w):
     return torch.zeros_like(x).index_add(0, plan.tokens, (y * ws.unsqueeze(-1)).to(x.dtype))
 
 
-@torch.library.custom_op("moe_compile::dispatch_combine", mutates_args=())
-def dispatch_combine(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str) -> Tensor:
+def _run_dispatch_combine(key, params, x, idx, w):
     module, experts = _list_of(key)
-    cpu.check_routing(topk_idx, topk_weights, x, len(experts))
+    cpu.check_routing(idx, w, x, len(experts))
     names = [n for n, _ in module.named_parameters()]
-    with torch.no_grad():
-        return _dispatch_combine(module, experts, names, params, x, topk_idx, topk_weights)
+    return _dispatch_combine(module, experts, names, params, x, idx, w)
 
 
-@dispatch_combine.register_fake
-def _dispatch_combine_fake(x, topk_idx, topk_weights, params, key):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("moe_compile::dispatch_combine_backward", mutates_args=())
-def dispatch_combine_backward(
-    grad: Tensor, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    module, experts = _list_of(key)
-    names = [n for n, _ in module.named_parameters()]
-
-    def f(x_, w_, ps):
-        return _dispatch_combine(module, experts, names, ps, x_, topk_idx, w_)
-
-    with torch.enable_grad():
-        _, vjp = torch.func.vjp(f, x, topk_weights, list(params))
-        dx, dw, dps = vjp(grad)
-    return dx, dw, [g.clone() if g is p else g for g, p in zip(dps, params)]
-
-
-@dispatch_combine_backward.register_fake
-def _dispatch_combine_backward_fake(grad, x, topk_idx, topk_weights, params, key):
-    return torch.empty_like(x), torch.empty_like(topk_weights), [torch.empty_like(p) for p in params]
-
-
-def _dc_setup(ctx, inputs, output):
-    x, idx, w, params, key = inputs
-    ctx.key = key
-    ctx.save_for_backward(x, idx, w, *params)
-
-
-def _dc_backward(ctx, grad):
-    x, idx, w, *params = ctx.saved_tensors
-    dx, dw, dps = dispatch_combine_backward(grad, x, idx, w, params, ctx.key)
-    return dx, None, dw, dps, None
-
-
-dispatch_combine.register_autograd(_dc_backward, setup_context=_dc_setup)
+dispatch_combine = keyed_experts_op("dispatch_combine", _run_dispatch_combine)
 
 
 # --------------------------------------------------------------------------------------------- capacity slots

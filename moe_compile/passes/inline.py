@@ -21,8 +21,8 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from .detect import SLOTS, _stacked_candidates, layer_candidates, prove
-from .rewrite import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, _ancestors, _clean_path, _is, describe_router
+from .detect import SLOTS, _stacked_candidates, layer_candidates, prove, with_top_k
+from .rewrite import EXPERTS, Region, _experts_ops, _ancestors, _clean_path, _is, describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
 _PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
@@ -173,8 +173,7 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
         if _clean_path(parent) in skip:
             continue
         region = _region(gm, parent, list_path)
-        if not region or any(n.op == "call_function" and n.target in (EXPERTS, EXPERTS_CALL, DISPATCH_COMBINE)
-                             for n in region):
+        if not region or any(n.op == "call_function" and n.target in _experts_ops() for n in region):
             continue  # nothing there, or experts already captured as one node
         inside = set(region)
         outputs = [n for n in region if any(u not in inside for u in n.users)]
@@ -222,7 +221,7 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
             reject(match.reason)
             continue
         router, _ = describe_router(x, idx, w)
-        spec = match.spec.__class__(**{**match.spec.__dict__, "router": router})
+        spec = with_top_k(match.spec, match.spec.top_k, router)
         if rewrite:
             last = region[-1]
             with gm.graph.inserting_after(last):
