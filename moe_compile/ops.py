@@ -113,25 +113,31 @@ def _experts_backward_fake(grad_out, x, topk_idx, topk_weights, gate, up, down, 
     )
 
 
-def _experts_setup_context(ctx, inputs, output):
-    x, idx, w, gate, up, down, b_gate, b_up, b_down, spec = inputs
-    _, h, y = output
-    ctx.spec = spec
-    ctx.n = tuple(len(t) for t in (gate, up, down, b_gate, b_up, b_down))
-    ctx.save_for_backward(x, idx, w, h, y, *gate, *up, *down, *b_gate, *b_up, *b_down)
+def _register_autograd(op, backward_op) -> None:
+    """Autograd for an op ``(a, b, c, gate[], up[], down[], b_gate[], b_up[], b_down[], spec) -> (out, h, y)``
+    whose backward op is ``(grad, a, b, c, *lists, h, y, spec) -> (da, dc, *dlists)``; ``b`` (expert ids, or
+    the 0/1 dispatch tensor) gets no gradient."""
+
+    def setup(ctx, inputs, output):
+        a, b_, c, *lists, spec = inputs
+        _, h, y = output
+        ctx.spec = spec
+        ctx.n = tuple(len(t) for t in lists)
+        ctx.save_for_backward(a, b_, c, h, y, *[t for l in lists for t in l])
+
+    def backward(ctx, grad, _grad_h, _grad_y):
+        a, b_, c, h, y, *flat = ctx.saved_tensors
+        lists, i = [], 0
+        for n in ctx.n:
+            lists.append(flat[i: i + n])
+            i += n
+        da, dc, *dlists = backward_op(grad, a, b_, c, *lists, h, y, ctx.spec)
+        return (da, None, dc, *dlists, None)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _experts_autograd(ctx, grad_out, _grad_h, _grad_y):
-    x, idx, w, h, y, *flat = ctx.saved_tensors
-    lists, i = [], 0
-    for n in ctx.n:
-        lists.append(flat[i : i + n])
-        i += n
-    dx, dw, *dlists = experts_backward_op(grad_out, x, idx, w, *lists, h, y, ctx.spec)
-    return (dx, None, dw, *dlists, None)
-
-
-experts_op.register_autograd(_experts_autograd, setup_context=_experts_setup_context)
+_register_autograd(experts_op, experts_backward_op)
 
 
 def fused_experts(spec: MoESpec, x, topk_idx, topk_weights, gate=(), up=(), down=(), b_gate=(), b_up=(), b_down=()):
@@ -290,22 +296,4 @@ def _experts_slots_backward_fake(grad, x, dispatch, combine, gate, up, down, b_g
             like(b_up), like(b_down))
 
 
-def _slots_setup(ctx, inputs, output):
-    x, dispatch, combine, *lists, spec = inputs
-    _, h, y = output
-    ctx.spec = spec
-    ctx.n = tuple(len(t) for t in lists)
-    ctx.save_for_backward(x, dispatch, combine, h, y, *[t for l in lists for t in l])
-
-
-def _slots_backward(ctx, grad, _gh, _gy):
-    x, dispatch, combine, h, y, *flat = ctx.saved_tensors
-    lists, i = [], 0
-    for n in ctx.n:
-        lists.append(flat[i: i + n])
-        i += n
-    dx, dc, *dlists = experts_slots_backward(grad, x, dispatch, combine, *lists, h, y, ctx.spec)
-    return (dx, None, dc, *dlists, None)
-
-
-experts_slots.register_autograd(_slots_backward, setup_context=_slots_setup)
+_register_autograd(experts_slots, experts_slots_backward)
