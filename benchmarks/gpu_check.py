@@ -75,9 +75,14 @@ def f64(cpu, wts):
 
 
 def run_path(fwd, bwd, spec, x, idx, w, wts, grad):
-    """Forward and backward of one path -> dict of named results."""
-    out, (h, y) = fwd(spec, x, idx, w, wts)
-    dx, dw, d = bwd(spec, grad, x, idx, w, wts, h, y)
+    """Forward and backward of one path -> dict of named results. For the ATen path (``fwd`` is
+    ``cpu.experts_forward``) y is saved as the unweighted expert outputs, as the Triton path saves it."""
+    if getattr(fwd, "__module__", "").endswith("codegen.cpu"):
+        out, (h, y) = fwd(spec, x, idx, w, wts, save_y=True)
+        dx, dw, d = bwd(spec, grad, x, idx, w, wts, h)
+    else:
+        out, (h, y) = fwd(spec, x, idx, w, wts)
+        dx, dw, d = bwd(spec, grad, x, idx, w, wts, h, y)
     return dict(out=out, h=h, y=y, dx=dx, dw=dw, dw1=d.w1, dw2=d.w2, db1=d.b1, db2=d.b2)
 
 

@@ -1,7 +1,9 @@
 """The ``moe_compile::`` custom ops: what a rewritten graph calls.
 
 - ``moe_compile::experts``: dispatch -> expert MLPs -> weighted combine, fused (forward); returns the combined
-  output and the two GEMM outputs the backward reuses.
+  output and two tensors the backward reuses, one row per (token, slot) in sorted order: the first GEMM's output
+  ``h`` and a ``[T*k, H]`` tensor that depends on the path (the ATen path: the gathered inputs; Triton: the
+  unweighted expert outputs). Forward and backward of one call always take the same path (the device decides).
 - ``moe_compile::experts_backward``: its gradients, as an op of its own so that AOT autograd never traces Python
   with data-dependent shapes.
 - ``moe_compile::experts_call`` (+ backward): an experts module captured whole as one graph node (the
@@ -250,7 +252,7 @@ def experts_slots(
     if not ok:
         out = _dense_slots(s, x, dispatch, combine, lists)
         return out, x.new_zeros(rows, 2 * s.ffn if s.gated else s.ffn), x.new_zeros(rows, s.hidden)
-    out, (h, y) = cpu.experts_forward(s, x, idx, w.to(x.dtype), _weights(s, *lists))
+    out, (h, y) = cpu.experts_forward(s, x, idx, w.to(x.dtype), _weights(s, *lists), save_y=True)
     return out, _pad_rows(h, rows), _pad_rows(y, rows)
 
 
@@ -278,7 +280,7 @@ def experts_slots_backward(
     wts = _weights(s, *lists)
     n_valid = int((idx < s.num_experts).sum())
     h, y = h[:n_valid], y[:n_valid]
-    dx, _, dwts = cpu.experts_backward(s, grad, x, idx, w.to(x.dtype), wts, h, y)
+    dx, _, dwts = cpu.experts_backward(s, grad, x, idx, w.to(x.dtype), wts, h)
     # d combine[s, e, c] = <grad[s], expert e's output at slot c>, for every slot (empty ones give MLP_e(0))
     E, C = dispatch.shape[1], dispatch.shape[2]
     y_slots = _empty_slot_output(s, wts, x.dtype)[:, None, :].expand(E, C, s.hidden).clone()
