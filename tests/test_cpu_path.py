@@ -73,6 +73,13 @@ def test_eager_kernels_match_autograd(monkeypatch, act, gated, layout, bias, wei
     _check(*_case(act, gated, layout, bias, weight_layout))
 
 
+@pytest.mark.parametrize("act,gated,layout", [ACTS[0], ACTS[3], ACTS[7]])
+def test_one_kernel_pair_serves_every_size(monkeypatch, act, gated, layout):
+    monkeypatch.setattr(cpu, "KERNELS", "eager")
+    for H, F in [(8, 6), (12, 10), (4, 3)]:
+        _check(*_case(act, gated, layout, False, "out_in", H=H, F=F))
+
+
 def test_swiglu_oai_case_reaches_the_clamps():
     spec, x, idx, w, wts, _ = _case("swiglu_oai", True, "interleaved", True, "in_out")
     _, (h, _) = cpu.experts_forward(spec, x, idx, w, wts)
@@ -88,7 +95,8 @@ def _compiled_check(monkeypatch, act, gated, layout):
     monkeypatch.setattr(cpu, "KERNELS", "inductor")
     with _no_fallback():
         _check(*_case(act, gated, layout, True, "out_in", T=40), tol=1e-9)
-        _check(*_case(act, gated, layout, False, "in_out", T=7, seed=1), tol=1e-9)  # another size: no recompile
+        # other sizes (one kernel pair serves every size of an activation and layout)
+        _check(*_case(act, gated, layout, False, "in_out", T=7, H=12, F=10, seed=1), tol=1e-9)
     assert not cpu._FAILED
 
 

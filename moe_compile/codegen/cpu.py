@@ -215,9 +215,9 @@ def check_routing(idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor, num_exper
 
 # ----------------------------------------------------------------------------------------------- elementwise
 # The work between the GEMMs, as two functions per activation: ``act_forward(h, ws) -> act(h) * ws`` and
-# ``act_backward(h, daw, ws) -> (dh, act(h) * ws, d ws)``, with the derivatives written out (one pass over h
-# instead of autograd's slice buffers). Large inputs run them compiled by inductor (one fused C++ loop each,
-# ~3x faster than the eager ops), small ones eagerly; both compute the same formula.
+# ``act_backward(h, daw, ws, dh) -> (act(h) * ws, d ws)``, which writes d h into ``dh``. The derivatives are
+# written out: one pass over h instead of autograd's slice buffers. Large inputs run them compiled by inductor (one
+# fused C++ loop each, ~3x faster than the eager ops), small ones eagerly; both compute the same formula.
 KERNELS = os.environ.get("MOE_COMPILE_CPU_KERNELS", "auto")
 """``auto``: inductor-compiled elementwise kernels for inputs of at least ``MIN_COMPILED_ELEMENTS`` elements of
 h, eager below; ``inductor``: always compiled; ``eager``: never (e.g. where no C++ compiler exists)."""
@@ -267,9 +267,6 @@ def _elementwise(spec: MoESpec):
         f = h.shape[1] // 2
         return h[:, :f], h[:, f:]
 
-    def join(dg, du):
-        return torch.stack([dg, du], -1).flatten(1) if interleaved else torch.cat([dg, du], 1)
-
     if name == "swiglu_oai":  # GPT-OSS: (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)
         def value_and_grads(h):
             g, u = split(h)
@@ -294,18 +291,34 @@ def _elementwise(spec: MoESpec):
             return v, dv, None
 
     def act_forward(h, ws):
-        return value_and_grads(h)[0] * ws[:, None]
+        if name == "swiglu_oai":
+            return value_and_grads(h)[0] * ws[:, None]  # (inductor drops the unused derivatives)
+        if not spec.gated:
+            return _base_act(name, h) * ws[:, None]
+        g, u = split(h)
+        return _base_act(name, g) * u * ws[:, None]
 
-    def act_backward(h, daw, ws):
+    def act_backward(h, daw, ws, dh):
+        # writes d h into the preallocated ``dh`` (one pass; concatenating would be another)
         a, d_g, d_u = value_and_grads(h)
         da = daw * ws[:, None]
         dws = (daw * a).sum(1, dtype=torch.promote_types(daw.dtype, torch.float32))
-        dh = da * d_g if d_u is None else join(da * d_g, da * d_u)
-        return dh, a * ws[:, None], dws
+        if d_u is None:
+            dh.copy_(da * d_g)
+        else:
+            dh_gate, dh_up = split(dh)
+            dh_gate.copy_(da * d_g)
+            dh_up.copy_(da * d_u)
+        return a * ws[:, None], dws
 
     return act_forward, act_backward
 
 
+# torch 2.13's precompiled C++ headers can go stale in a shared inductor cache (seen here: kernels built without
+# the vector ISA flags their code needs, "'at::vec' has not been declared"); these kernels do without (~2 s more
+# at their first compile)
+_OPTIONS = {"cpp_cache_precompile_headers": False} if hasattr(torch._inductor.config, "cpp_cache_precompile_headers") \
+    else {}
 _EAGER: dict[tuple, tuple] = {}
 _COMPILED: dict[tuple, tuple] = {}
 _FAILED: set[tuple] = set()
@@ -327,7 +340,8 @@ def _kernels(spec: MoESpec, h: torch.Tensor):
     if not compiled:
         return eager
     if key not in _COMPILED:
-        _COMPILED[key] = tuple(torch.compile(_own_code(f, key), dynamic=True, fullgraph=True) for f in eager)
+        _COMPILED[key] = tuple(torch.compile(_own_code(f, key), dynamic=True, fullgraph=True, options=_OPTIONS)
+                               for f in eager)
     return tuple(_guarded(key, c, e) for c, e in zip(_COMPILED[key], eager))
 
 
@@ -405,7 +419,8 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     gy = grad_out.to(dt).index_select(0, plan.tokens)  # d y, y = (act(h) * w) @ W2 (+ w * b2)
     daw = grouped_mm(gy, w2.transpose(-1, -2), plan.offs, plan.offs_list)  # d (act(h) * w)
     _, act_backward = _kernels(spec, h)
-    dh, aw, dws = act_backward(h, daw, ws)
+    dh = torch.empty_like(h)
+    aw, dws = act_backward(h, daw, ws, dh)
     del daw
     db2 = None
     if wts.b2 is not None:
