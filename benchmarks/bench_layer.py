@@ -258,6 +258,11 @@ def peak_memory(var: Variant, device) -> float:
     for p in var.params:
         p.grad = None
     gc.collect()
+    # ours reuses its CPU temporaries across steps (codegen.cpu.WORKSPACE): free them first, so that the step
+    # allocates them again and they count, as held memory, from their allocation to the end of the step
+    from moe_compile.codegen import cpu as moe_cpu
+
+    moe_cpu.release_workspace()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         var.step()
     events = [e for e in prof.profiler.kineto_results.events()

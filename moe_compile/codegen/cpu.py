@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -214,10 +215,10 @@ def check_routing(idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor, num_exper
 
 
 # ----------------------------------------------------------------------------------------------- elementwise
-# The work between the GEMMs, as two functions per activation: ``act_forward(h, ws) -> act(h) * ws`` and
-# ``act_backward(h, daw, ws, dh) -> (act(h) * ws, d ws)``, which writes d h into ``dh``. The derivatives are
-# written out: one pass over h instead of autograd's slice buffers. Large inputs run them compiled by inductor (one
-# fused C++ loop each, ~3x faster than the eager ops), small ones eagerly; both compute the same formula.
+# The work between the GEMMs, as two functions per activation: ``act_forward(h, ws, aw)`` writes act(h) * ws into
+# ``aw``; ``act_backward(h, daw, ws, dh, aw, dws)`` writes d h, act(h) * ws and d ws into its last three. The
+# derivatives are written out: one pass over h instead of autograd's slice buffers. Large inputs run them compiled
+# by inductor (one fused C++ loop each, ~3x faster than the eager ops), small ones eagerly; same formula.
 KERNELS = os.environ.get("MOE_COMPILE_CPU_KERNELS", "auto")
 """``auto``: inductor-compiled elementwise kernels for inputs of at least ``MIN_COMPILED_ELEMENTS`` elements of
 h, eager below; ``inductor``: always compiled; ``eager``: never (e.g. where no C++ compiler exists)."""
@@ -290,34 +291,37 @@ def _elementwise(spec: MoESpec):
             v, dv = base(h)
             return v, dv, None
 
-    def act_forward(h, ws):
+    def act_forward(h, ws, aw):
         if name == "swiglu_oai":
-            return value_and_grads(h)[0] * ws[:, None]  # (inductor drops the unused derivatives)
-        if not spec.gated:
-            return _base_act(name, h) * ws[:, None]
-        g, u = split(h)
-        return _base_act(name, g) * u * ws[:, None]
+            a = value_and_grads(h)[0]  # (inductor drops the unused derivatives)
+        elif not spec.gated:
+            a = _base_act(name, h)
+        else:
+            g, u = split(h)
+            a = _base_act(name, g) * u
+        aw.copy_(a * ws[:, None])
 
-    def act_backward(h, daw, ws, dh):
-        # writes d h into the preallocated ``dh`` (one pass; concatenating would be another)
+    def act_backward(h, daw, ws, dh, aw, dws):
+        # writes into preallocated outputs: inductor then emits one loop nest writing all three (measured ~25%
+        # faster than returning them, which also needs a concatenation for dh)
         a, d_g, d_u = value_and_grads(h)
         da = daw * ws[:, None]
-        dws = (daw * a).sum(1, dtype=torch.promote_types(daw.dtype, torch.float32))
+        dws.copy_((daw * a).sum(1, dtype=dws.dtype))
+        aw.copy_(a * ws[:, None])
         if d_u is None:
             dh.copy_(da * d_g)
         else:
             dh_gate, dh_up = split(dh)
             dh_gate.copy_(da * d_g)
             dh_up.copy_(da * d_u)
-        return a * ws[:, None], dws
 
     return act_forward, act_backward
 
 
-# torch 2.13's precompiled C++ headers can go stale in a shared inductor cache (seen here: kernels built without
-# the vector ISA flags their code needs, "'at::vec' has not been declared"); these kernels do without (~2 s more
-# at their first compile)
-_OPTIONS = {"cpp_cache_precompile_headers": False} if hasattr(torch._inductor.config, "cpp_cache_precompile_headers") \
+# Inductor's on-disk FX graph cache and precompiled headers went stale on this machine's shared cache (torch 2.13:
+# vectorised kernel code compiled without the vector ISA flags it needs, "'at::vec' has not been declared"); these
+# kernels skip both (a few seconds of code generation once per process; the compiled .so is still cached)
+_OPTIONS = {"cpp_cache_precompile_headers": False, "fx_graph_cache": False} if hasattr(torch._inductor.config, "cpp_cache_precompile_headers") \
     else {}
 _EAGER: dict[tuple, tuple] = {}
 _COMPILED: dict[tuple, tuple] = {}
@@ -367,6 +371,38 @@ def _guarded(key, compiled_fn, eager_fn):
     return run
 
 
+# ----------------------------------------------------------------------------------------------- workspace
+WORKSPACE = os.environ.get("MOE_COMPILE_CPU_WORKSPACE", "1") != "0"
+"""Reuse the op's CPU temporaries (``aw``, ``gy``, ``dh``, ``d ws``) across calls instead of allocating them each
+time: writing a freshly allocated 64 MiB buffer costs ~3.5x writing a reused one here (the kernel zero-fills every
+new page). The buffers are per thread and per role, grow to the largest call and stay until
+:func:`release_workspace`; ``MOE_COMPILE_CPU_WORKSPACE=0`` turns this off."""
+_local = threading.local()
+
+
+def _scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised contiguous ``shape`` tensor for a temporary that dies before the op returns (never an
+    output: outputs must not alias each other or later calls)."""
+    if not WORKSPACE or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    n = math.prod(shape)
+    buf = bufs.get(role)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = bufs[role] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's reused CPU temporaries (see ``WORKSPACE``)."""
+    _local.__dict__.pop("bufs", None)
+
+
+def workspace_bytes() -> int:
+    """Bytes this thread's reused CPU temporaries hold now."""
+    return sum(b.numel() * b.element_size() for b in _local.__dict__.get("bufs", {}).values())
+
+
 # ----------------------------------------------------------------------------------------------- forward / backward
 def _wgrad(a: torch.Tensor, b: torch.Tensor, plan: "Plan", stored_out_in: bool) -> torch.Tensor:
     """Per-expert ``a_e^T b_e`` as the canonical ``[E, A, B]`` gradient; computed as ``b_e^T a_e`` (a
@@ -391,14 +427,17 @@ def experts_forward(spec: MoESpec, x, idx, w, wts: Weights, *, save_y: bool = Fa
     ws = w.reshape(-1)[plan.order].to(dt)
     act_forward, _ = _kernels(spec, h)
     w2 = wts.w2.to(dt)
+    aw = _scratch("aw", (h.shape[0], spec.ffn), dt, x.device)
     if save_y:  # unweighted y, weighted on the [S, H] side
-        y = grouped_mm(act_forward(h, torch.ones_like(ws)), w2, plan.offs, plan.offs_list)
+        act_forward(h, torch.ones_like(ws), aw)
+        y = grouped_mm(aw, w2, plan.offs, plan.offs_list)
         if wts.b2 is not None:
             y += wts.b2.to(dt).index_select(0, plan.experts)
         out = torch.zeros_like(x).index_add_(0, plan.tokens, y * ws[:, None])
         return out, (h, y)
     # the routing weight scales the [S, F] activations (fewer elements than [S, H] in fine-grained MoE)
-    y = grouped_mm(act_forward(h, ws), w2, plan.offs, plan.offs_list)
+    act_forward(h, ws, aw)
+    y = grouped_mm(aw, w2, plan.offs, plan.offs_list)
     if wts.b2 is not None:
         y.addcmul_(wts.b2.to(dt).index_select(0, plan.experts), ws[:, None])
     out = torch.zeros_like(x).index_add_(0, plan.tokens, y)
@@ -416,11 +455,14 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     out_in = spec.weight_layout == "out_in"
     ws = w.reshape(-1)[plan.order].to(dt)
     w2 = wts.w2.to(dt)
-    gy = grad_out.to(dt).index_select(0, plan.tokens)  # d y, y = (act(h) * w) @ W2 (+ w * b2)
+    gy = _scratch("gy", (len(plan.tokens), x.shape[1]), dt, x.device)
+    torch.index_select(grad_out.to(dt), 0, plan.tokens, out=gy)  # d y, y = (act(h) * w) @ W2 (+ w * b2)
     daw = grouped_mm(gy, w2.transpose(-1, -2), plan.offs, plan.offs_list)  # d (act(h) * w)
     _, act_backward = _kernels(spec, h)
-    dh = torch.empty_like(h)
-    aw, dws = act_backward(h, daw, ws, dh)
+    dh = _scratch("dh", tuple(h.shape), dt, x.device)
+    aw = _scratch("aw", tuple(daw.shape), dt, x.device)
+    dws = _scratch("dws", (h.shape[0],), torch.promote_types(dt, torch.float32), x.device)
+    act_backward(h, daw, ws, dh, aw, dws)
     del daw
     db2 = None
     if wts.b2 is not None:
