@@ -371,11 +371,11 @@ def run_shape(shape: Shape, args, dtype, device) -> dict:
     med = {n: statistics.median(t) for n, t in times.items()}
     print("median ms: " + ", ".join(f"{n} {med[n]:.1f} [{min(times[n]):.0f}-{max(times[n]):.0f}]" for n in VARIANTS))
 
-    mem = {n: peak_memory(variants[n], device) for n in VARIANTS}
     prof = None
-    if not args.no_profile:
+    if not args.no_profile:  # (before the memory step, which frees ours' reused temporaries)
         prof = profile_ours(variants["ours"], device)
         print("profile of ours (one forward+backward, torch.profiler):\n" + prof, flush=True)
+    mem = {n: peak_memory(variants[n], device) for n in VARIANTS}
     capture_reset()
     return dict(shape=shape, med=med, times=times, mem=mem, errs=errs, ok=ok, regions=regions, profile=prof)
 

@@ -171,3 +171,31 @@ def test_compiled_kernels_inside_an_inductor_compiled_model(monkeypatch, family)
     assert_same_training_step(ref, got)
     assert not cpu._FAILED
     torch._dynamo.reset()
+
+
+def test_reused_temporaries_never_leak_into_results(monkeypatch):
+    """Two layers' forwards, then their backwards in reverse order (as autograd runs them), with the workspace on:
+    every result equals the run that allocates each temporary afresh, and no result shares memory with it."""
+    monkeypatch.setattr(cpu, "KERNELS", "eager")
+    cases = [_case("silu", True, "concat", True, "out_in", T=30, seed=s) for s in (0, 1)]
+    cases[1] = _case("gelu", True, "interleaved", False, "in_out", T=50, H=12, F=10, seed=1)
+
+    def run():
+        saved = [cpu.experts_forward(sp, x, idx, w, wts) for sp, x, idx, w, wts, _ in cases]
+        grads = [cpu.experts_backward(sp, g, x, idx, w, wts, *saved[i][1])
+                 for i, (sp, x, idx, w, wts, g) in reversed(list(enumerate(cases)))]
+        return [t for out, sv in saved for t in (out, *sv)] + [
+            t for dx, dw, d in grads for t in (dx, dw, d.w1, d.w2, d.b1, d.b2) if t is not None]
+
+    monkeypatch.setattr(cpu, "WORKSPACE", False)
+    fresh = run()
+    monkeypatch.setattr(cpu, "WORKSPACE", True)
+    cpu.release_workspace()
+    reused = run()
+    assert cpu.workspace_bytes() > 0
+    bufs = [b.untyped_storage().data_ptr() for b in cpu._local.bufs.values()]
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+        assert b.untyped_storage().data_ptr() not in bufs
+    cpu.release_workspace()
+    assert cpu.workspace_bytes() == 0
