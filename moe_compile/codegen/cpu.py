@@ -444,10 +444,11 @@ def experts_forward(spec: MoESpec, x, idx, w, wts: Weights, *, save_y: bool = Fa
     return out, (h, xs)
 
 
-def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=None):
+def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=None, *, forward_b2: bool | None = None):
     """Gradients of ``experts_forward`` for x, w and the canonical weights: ``(dx, dw shaped like w,
     Weights(dw1, dw2, db1, db2))``. ``h`` and ``xs`` are the forward's saved tensors (``xs=None``: gathered
-    again)."""
+    again). ``forward_b2=False``: the forward ran without ``wts.b2`` (a tensor-parallel shard that does not add the
+    bias) but its gradient is wanted: db2 is computed, the routing weights' gradient has no bias term."""
     plan = make_plan(idx.long(), spec.num_experts)
     dt = x.dtype
     if xs is None:
@@ -467,7 +468,8 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     db2 = None
     if wts.b2 is not None:
         b2 = wts.b2.to(dt).index_select(0, plan.experts)
-        dws += (gy * b2).sum(1, dtype=dws.dtype)
+        if forward_b2 is not False:
+            dws += (gy * b2).sum(1, dtype=dws.dtype)
         db2 = torch.zeros(wts.b2.shape, dtype=dt, device=x.device).index_add_(0, plan.experts, gy * ws[:, None])
     dw2 = _wgrad(aw, gy, plan, out_in)
     del aw, gy

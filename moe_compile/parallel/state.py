@@ -281,7 +281,7 @@ class ParallelState:
         grad = grad.to(x.dtype)
         if mode == "data":
             _, (h, y) = cpu.experts_forward(spec, x, idx, w, wts_f)
-            dx, dw, d = cpu.experts_backward(spec, grad, x, idx, w, wts_b, h, y)
+            dx, dw, d = cpu.experts_backward(spec, grad, x, idx, w, wts_b, h, y, forward_b2=wts_f.b2 is not None)
         else:
             lay, k, T, H = self.layout, idx.shape[1], x.shape[0], x.shape[1]
             plan = dispatch.make_plan(lay, mode, self.rank, idx, C, cap)
@@ -293,7 +293,7 @@ class ParallelState:
             xr, gr, wr = self._exchange(a2a, [xs, gs, ws.unsqueeze(-1)], plan.counts)
             lid = plan.recv_lid[:, None]
             _, (h, y) = cpu.experts_forward(spec, xr, lid, wr, wts_f)
-            dxr, dwr, d = cpu.experts_backward(spec, gr, xr, lid, wr, wts_b, h, y)
+            dxr, dwr, d = cpu.experts_backward(spec, gr, xr, lid, wr, wts_b, h, y, forward_b2=wts_f.b2 is not None)
             dxs, dws = self._exchange(a2a, [dxr, dwr], transpose(plan.counts))
             pairs = plan.send_src[valid]
             dx = torch.zeros_like(x).index_add_(0, torch.div(pairs, k, rounding_mode="floor"), dxs[valid])
