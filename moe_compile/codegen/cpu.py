@@ -353,7 +353,8 @@ def _own_code(f, key: tuple):
     """A copy of ``f`` with a code object of its own: Dynamo caches compiled code (and counts recompiles) per code
     object, and the closures of every activation share one."""
     name = f"{f.__name__}_{'_'.join(str(k) for k in key)}".replace(".", "p").replace("-", "m")
-    code = f.__code__.replace(co_name=name, co_qualname=name)
+    extra = {"co_qualname": name} if hasattr(f.__code__, "co_qualname") else {}  # Python >= 3.11
+    code = f.__code__.replace(co_name=name, **extra)
     return types.FunctionType(code, f.__globals__, name, f.__defaults__, f.__closure__)
 
 
