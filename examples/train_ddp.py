@@ -2,11 +2,13 @@
 
     torchrun --nproc-per-node 2 examples/train_ddp.py
     torchrun --nproc-per-node 4 examples/train_ddp.py --modes expert,data,tensor,auto --compiler inductor
+    torchrun --nproc-per-node 4 examples/train_ddp.py --ep 2      # a 2 x 2 data x expert mesh
 
-Every rank trains on its own batch. ``moe_compile.parallel.parallelize`` shards the experts over the ranks (DDP then
-all-reduces only the dense weights), the parallel mode changes on every step as ``--modes`` says, and at the end
-rank 0 checks that the weights equal a single-process run on the global batch (``--no-check`` skips it) and
-writes the whole model with ``--save``.
+Every rank trains on its own batch. ``moe_compile.parallel.parallelize`` shards the experts over the ranks (or, with
+``--ep``, over groups of that many ranks, replicated across the groups; DDP then all-reduces only the dense
+weights), the parallel mode changes on every step as ``--modes`` says, and at the end rank 0 checks that the
+weights equal a single-process run on the global batch (``--no-check`` skips it) and writes the whole model and
+optimizer state with ``--save``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--modes", default="expert,data,auto", help="parallel modes, one per step, cycled")
     ap.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager", "none"])
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--ep", type=int, default=0, help="ranks per experts group (default: all; fewer: a 2D mesh)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -56,7 +59,12 @@ def main() -> None:
     model = transformers.MixtralForCausalLM(cfg).to(device)
     reference = copy.deepcopy(model) if (args.check and rank == 0) else None
 
-    parallel.parallelize(model, mode=modes[0])  # 1. shard the experts (before DDP)
+    mesh = None
+    if args.ep and args.ep < world:  # replicas x experts: experts split over args.ep ranks, replicated across
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world // args.ep, args.ep), mesh_dim_names=("dp", "ep"))
+    parallel.parallelize(model, mode=modes[0], mesh=mesh)  # 1. shard the experts (before DDP)
     ddp = DistributedDataParallel(model)  # 2. DDP all-reduces the dense weights only
     run = ddp if args.compiler == "none" else torch.compile(  # 3. compile
         ddp, backend="moe", options={"compiler": args.compiler})
@@ -86,6 +94,7 @@ def main() -> None:
             print(f"step {step}: mode {mode} -> ran {ran}, loss {mean.item():.5f}{extra}", flush=True)
 
     full = parallel.full_state_dict(model)  # every rank takes part; every rank gets the whole model
+    full_optim = parallel.full_optim_state_dict(model, opt)  # the same for the momentum buffers, by name
     if rank == 0:
         print(parallel.parallel_report(model))
         if reference is not None:
@@ -94,9 +103,9 @@ def main() -> None:
                        for n, v in sd.items())
             verdict = "equal to one process" if diff <= 1e-4 else "DIFFERENT from one process"
             print(f"final weights {verdict}: largest relative difference {diff:.1e}", flush=True)
-        if args.save:
-            torch.save(full, args.save)
-            print(f"saved the whole model to {args.save}")
+        if args.save:  # load with parallel.load_full_state_dict / load_full_optim_state_dict at any world size
+            torch.save({"model": full, "optim": full_optim}, args.save)
+            print(f"saved the whole model and optimizer state to {args.save}")
     dist.barrier()
     dist.destroy_process_group()
 

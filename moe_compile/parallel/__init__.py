@@ -13,14 +13,19 @@ See ``docs/parallel.md``. Modules: ``layout`` (where weights live), ``dispatch``
 from __future__ import annotations
 
 from .api import (
+    ExpertParameter,
+    full_optim_state_dict,
     full_state_dict,
     get_parallel,
     is_expert_param,
+    load_full_optim_state_dict,
     load_full_state_dict,
+    load_sharded_state_dict,
     parallel_report,
     parallelize,
     set_parallel,
     set_rates,
+    sharded_state_dict,
 )
 from .cost import INFINIBAND, NVLINK, Rates
 from .layout import ParallelError
@@ -29,6 +34,7 @@ from .state import MODES
 
 __all__ = [
     "parallelize", "set_parallel", "get_parallel", "is_expert_param", "parallel_report", "full_state_dict",
-    "load_full_state_dict", "set_rates", "Rates", "NVLINK", "INFINIBAND", "ParallelError", "MODES",
-    "PARALLEL_EXPERTS",
+    "load_full_state_dict", "full_optim_state_dict", "load_full_optim_state_dict", "sharded_state_dict",
+    "load_sharded_state_dict", "ExpertParameter", "set_rates", "Rates", "NVLINK", "INFINIBAND", "ParallelError",
+    "MODES", "PARALLEL_EXPERTS",
 ]

@@ -1,6 +1,7 @@
 """``parallelize``, ``set_parallel`` and the helpers around them (tags, reports, full state dicts)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -23,6 +24,19 @@ _RATES: dict[tuple, cost.Rates] = {}  # measured rates by (global ranks, ranks p
 
 
 # --------------------------------------------------------------------------------------------- small helpers
+class ExpertParameter(nn.Parameter):
+    """The class ``parallelize`` gives the parameters of experts modules (plain ``nn.Parameter`` ones): an
+    ``nn.Parameter`` whose ``copy.deepcopy`` keeps the tags in its ``__dict__`` (``nn.Parameter.__deepcopy__``
+    drops them). Nothing else differs; ``torch.save`` stores it as a plain ``nn.Parameter`` with its tags."""
+
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        result = super().__deepcopy__(memo)
+        result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return result
+
+
 def is_expert_param(p: torch.Tensor) -> bool:
     """True for the parameters of experts modules that ``parallelize`` found (sharded or not)."""
     return bool(getattr(p, "_moe_expert", False))
@@ -86,14 +100,72 @@ def _set_param(module: nn.Module, name: str, value: torch.Tensor, requires_grad:
     return p
 
 
-def _tag(p: nn.Parameter, path: str) -> None:
+def _tag(p: nn.Parameter, path: str, sharded: bool) -> None:
+    if type(p) is nn.Parameter:  # a subclass the user chose is left as it is (tags kept, but lost by deepcopy)
+        p.__class__ = ExpertParameter
     p._moe_expert = True
     p._moe_expert_module = path
+    if sharded:  # what DistributedDataParallel._set_params_and_buffers_to_ignore_for_model sets (DDPOptimizer reads it)
+        p._ddp_ignored = True
+
+
+def _retag_after_load(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post hook of an experts module: ``load_state_dict(..., assign=True)`` replaces the
+    parameters with new ones; tag those again."""
+    for p in module.parameters():
+        _tag(p, module._moe_expert_path, module._moe_expert_sharded)
+
+
+def _tag_module(module: nn.Module, path: str, sharded: bool) -> None:
+    module._moe_expert_path = path
+    module._moe_expert_sharded = sharded
+    for p in module.parameters():
+        _tag(p, path, sharded)
+    if not getattr(module, "_moe_retag_hook", False):
+        module.register_load_state_dict_post_hook(_retag_after_load)
+        module._moe_retag_hook = True
+
+
+def _groups_of_mesh(mesh):
+    """(expert-parallel group, replica group or None) of a 1D or 2D DeviceMesh."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if mesh.ndim == 1:
+        return mesh.get_group(), None
+    if mesh.ndim != 2:
+        raise ParallelError(f"moe_compile.parallelize: a mesh of {mesh.ndim} dimensions; expected 1 (experts) or "
+                            "2 (replicas x experts)")
+    ep = names.index("ep") if "ep" in names else 1
+    return mesh.get_group(ep), mesh.get_group(1 - ep)
+
+
+def _check_replicas(sig, group, dp_group, rank, W, DP, why: str | None) -> str | None:
+    """Every replica of this rank (its dp_group) must hold the same model and the same shard (the same rank in an
+    expert group of the same size), from expert groups that do not overlap. Returns the problems of the whole mesh
+    (``why`` included), gathered over the replica group, then over the expert group, so every rank raises."""
+    mine = (sig, rank, tuple(dist.get_process_group_ranks(group)), why)
+    views: list = [None] * DP
+    dist.all_gather_object(views, mine, group=dp_group)
+    errs = [v[3] for v in views if v[3]]
+    if not errs:
+        if any(v[0] != sig for v in views):
+            errs.append("replicas (dp_group) disagree on the model or arguments")
+        if any(v[1] != rank for v in views):
+            errs.append("the ranks of a dp_group must hold the same expert shard (the same rank in their expert "
+                        f"groups); got expert-group ranks {[v[1] for v in views]}")
+        members = [g for v in views for g in v[2]]
+        if len(set(members)) != len(members):
+            errs.append("the expert groups of a dp_group's ranks overlap: group and dp_group must be the two "
+                        "dimensions of one mesh")
+    agreed: list = [None] * W
+    dist.all_gather_object(agreed, errs, group=group)
+    all_errs = list(dict.fromkeys(e for es in agreed for e in es))
+    return "; ".join(all_errs) if all_errs else None
 
 
 # --------------------------------------------------------------------------------------------- parallelize
 def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs=None, *,
-                local_world_size: int | None = None, capacity_factor: float | None = None) -> nn.Module:
+                local_world_size: int | None = None, capacity_factor: float | None = None,
+                dp_group=None, mesh=None) -> nn.Module:
     """Shard every experts module of ``model`` over ``group`` (default: the world) and return ``model``.
 
     Call it on every rank of the group, after building (or loading) the model and before wrapping it in
@@ -112,14 +184,25 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     ``local_world_size`` (default: ``$LOCAL_WORLD_SIZE`` as torchrun sets it) makes the all-to-alls
     hierarchical when the group spans several nodes. ``capacity_factor`` (default: the router's
     ``capacity_factor`` attribute, if any) pads the all-to-all splits to an even capacity.
+
+    Data x expert parallel (a 2D mesh): ``group`` is this rank's expert-parallel group (the ranks that split the
+    experts between them) and ``dp_group`` its replica group (the ranks holding the same shard, one per
+    expert-parallel group); or pass ``mesh``, a 2D ``DeviceMesh`` whose dimension named ``"ep"`` (else the last)
+    shards the experts and whose other dimension replicates them. The experts' backward then also sums their
+    gradients over the replica group, scaled so that a step equals the single-process step on the global batch.
+
     Errors (bad sizes, experts of different shapes, ranks that disagree) are raised on every rank before anything
     changes.
     """
     root = _unwrap(model)
     distributed = dist.is_available() and dist.is_initialized()
-    if group is not None and not distributed:
+    if mesh is not None:
+        if group is not None or dp_group is not None:
+            raise ParallelError("moe_compile.parallelize: pass either mesh or group / dp_group, not both")
+        group, dp_group = _groups_of_mesh(mesh)
+    if (group is not None or dp_group is not None) and not distributed:
         raise ParallelError("moe_compile.parallelize: a group was given but torch.distributed is not initialized")
-    W, rank = 1, 0
+    W, rank, DP = 1, 0, 1
     if distributed:
         group = group if group is not None else dist.group.WORLD
         rank = dist.get_rank(group)
@@ -128,6 +211,14 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
                 f"moe_compile.parallelize: this process (global rank {dist.get_rank()}) is not a member of the group "
                 f"{dist.get_process_group_ranks(group)}; call parallelize only on the group's ranks")
         W = dist.get_world_size(group)
+        if dp_group is not None:
+            if dist.get_rank(dp_group) < 0:
+                raise ParallelError(
+                    f"moe_compile.parallelize: this process (global rank {dist.get_rank()}) is not a member of its "
+                    f"dp_group {dist.get_process_group_ranks(dp_group)}")
+            DP = dist.get_world_size(dp_group)
+    if W == 1 or DP == 1:
+        dp_group, DP = None, 1  # experts not sharded: DDP all-reduces them like any weight; or no replicas
 
     errors: list[str] = []
     if mode not in MODES:
@@ -169,8 +260,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         for f in found:
             f.module._moe_parallel_noop = True
             f.module._moe_parallel_mode = mode
-            for p in f.module.parameters():
-                _tag(p, f.path)
+            _tag_module(f.module, f.path, sharded=False)
         if notes:
             warnings.warn("moe_compile.parallelize: " + "; ".join(notes), stacklevel=2)
         return model
@@ -184,14 +274,17 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     for r, (_, errs) in enumerate(views):
         for e in errs:
             reported.setdefault(e, []).append(r)
+    why = None
     if reported:
-        raise ParallelError("moe_compile.parallelize: " + "; ".join(
-            e if len(rs) == W else f"{e} (on rank(s) {rs})" for e, rs in reported.items()))
-    if any(v[0] != views[0][0] for v in views):
+        why = "; ".join(e if len(rs) == W else f"{e} (on rank(s) {rs})" for e, rs in reported.items())
+    elif any(v[0] != views[0][0] for v in views):
         diff = [r for r in range(W) if views[r][0] != views[0][0]]
-        raise ParallelError(
-            f"moe_compile.parallelize: ranks disagree on the model or arguments: rank 0 has {views[0][0]}, "
-            + "; ".join(f"rank {r} has {views[r][0]}" for r in diff))
+        why = (f"ranks disagree on the model or arguments: rank 0 has {views[0][0]}, "
+               + "; ".join(f"rank {r} has {views[r][0]}" for r in diff))
+    if dp_group is not None:  # every rank of the mesh takes part, so that all of them raise together
+        why = _check_replicas(sig, group, dp_group, rank, W, DP, why)
+    if why:
+        raise ParallelError("moe_compile.parallelize: " + why)
 
     # ---------------------------------------------------------------------------------------- from here on, changes
     granks = dist.get_process_group_ranks(group)
@@ -212,7 +305,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     ignore = list(getattr(root, "_ddp_params_and_buffers_to_ignore", []))
     for f in found:
         cf = capacity_factor if capacity_factor is not None else _router_capacity(f, parents)
-        names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey)
+        names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
     root._ddp_params_and_buffers_to_ignore = ignore
     if notes:
@@ -220,15 +313,17 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     return model
 
 
-def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, rkey) -> list[str]:
+def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group) -> list[str]:
     m, spec, slots = f.module, f.match.spec, f.match.slots
     lay = Layout(spec.num_experts, W, spec.hidden, spec.ffn, spec.gate_layout,
                  has_b1=bool(slots["b_up"]), has_b2=bool(slots["b_down"]))
     names = [n for s in SLOTS for n in slots[s]]
     params = {n: m.get_parameter(n) for n in names}
     dtype = params[names[0]].dtype
-    with torch.no_grad():
+    with torch.no_grad():  # replicas first (from the replica group's first rank), then within the group
         for n in names:
+            if dp_group is not None:
+                dist.broadcast(params[n].data, src=dist.get_process_group_ranks(dp_group)[0], group=dp_group)
             dist.broadcast(params[n].data, src=granks[0], group=group)
     full = cpu.canonical_weights(spec, *[[params[n].detach() for n in slots[s]] for s in SLOTS])
     local = lay.shard(full, rank)
@@ -258,9 +353,9 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
     flat_names = []
     for s, vals in zip(SLOTS, values):
         for n, v, old in zip(local_names[s], vals, [params[o] for o in slots[s]]):
-            p = _set_param(m, n, v, old.requires_grad)
-            _tag(p, f.path)
+            _set_param(m, n, v, old.requires_grad)
             flat_names.append(n)
+    _tag_module(m, f.path, sharded=True)
 
     traffic = Traffic()
     world = Comm(group, traffic)
@@ -275,7 +370,8 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
         slot_counts=tuple(len(local_names[s]) for s in SLOTS), local_names=flat_names,
         full_names={s: list(slots[s]) for s in SLOTS},
         rates=_RATES.get(rkey, cost.Rates()), traffic=traffic,
-        weight_itemsize=torch.empty(0, dtype=dtype).element_size())
+        weight_itemsize=torch.empty(0, dtype=dtype).element_size(),
+        dp=Comm(dp_group, traffic) if dp_group is not None else None)
     m._moe_parallel = state
     m._moe_parallel_key = key
     m._moe_parallel_names = tuple(flat_names)
@@ -423,6 +519,8 @@ def parallel_report(model: nn.Module) -> ParallelReport:
         lay = st.layout
         storage = (f"{lay.El} of {lay.E} experts per rank" if lay.E >= lay.W
                    else f"1/{lay.S} of one expert's hidden size ({lay.Fl} of {lay.F}) per rank")
+        if st.DP > 1:
+            storage += f", {st.DP} replicas"
         rep.blocks.append(BlockReport(st.path, lay.E, lay.W, storage, st.mode, st.stats.last_mode,
                                       dict(st.stats.calls), dict(st.stats.last_estimate), st.traffic.total,
                                       st.a2a.hierarchical, st.stats.last_hierarchical, st.stats.capacity))
@@ -435,29 +533,69 @@ def _modules(model: nn.Module):
     return [(p, m) for p, m in model.named_modules() if getattr(m, "_moe_parallel", None) is not None]
 
 
-def _full_expert_tensors(st: ParallelState, module: nn.Module) -> dict[str, torch.Tensor]:
-    params = [module.get_parameter(n).detach() for n in st.local_names]
-    local = cpu.canonical_weights(st.local_spec, *st._lists(params))
-    full = st._gather(local, Comm(st.world.group), list(range(st.W)))
-    dtype = params[0].dtype
+def _root(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile / DistributedDataParallel wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, DistributedDataParallel):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+
+
+def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Whole tensors under the unparallelized module's parameter names, from this rank's tensors shaped like its
+    local parameters (the parameters themselves, or per-element optimizer state): a collective over the group.
+    ``dst`` (a global rank in the group): gathered to that rank only; the others get ``{}``."""
+    local = cpu.canonical_weights(st.local_spec, *st._lists([t.detach() for t in tensors]))
+    if dst is None:
+        full = st._gather(local, Comm(st.world.group), list(range(st.W)))
+    else:
+        lay = st.layout
+        flat = lay.pack(local).contiguous()
+        parts = [torch.empty_like(flat) for _ in range(st.W)] if dist.get_rank() == dst else None
+        dist.gather(flat, parts, dst=dst, group=st.world.group)
+        if parts is None:
+            return {}
+        full = lay.unshard([lay.unpack(f) for f in parts], list(range(st.W)))
+        del parts
+    dtype = tensors[0].dtype
     like = [[torch.empty(0, dtype=dtype)] * ((1 if st.spec.stacked else st.layout.E) if st.full_names[s] else 0)
             for s in SLOTS]
     values = cpu.weight_grads(st.spec, full, *like)
     return {n: v for s, vals in zip(SLOTS, values) for n, v in zip(st.full_names[s], vals)}
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def _full_expert_tensors(st: ParallelState, module: nn.Module, dst: int | None = None) -> dict[str, torch.Tensor]:
+    return _full_from_local(st, [module.get_parameter(n) for n in st.local_names], dst)
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every sharded experts module's weights gathered whole, under the names the
     unparallelized model uses (loadable into it, or into a model parallelized over any number of ranks with
-    :func:`load_full_state_dict`). A collective: call it on every rank; every rank gets the whole dict."""
-    sd = dict(model.state_dict())
+    :func:`load_full_state_dict`). A collective: call it on every rank.
+
+    Experts modules are gathered one at a time, so besides the result a rank holds at most one module's whole
+    weights at once. ``rank0_only=False``: every rank gets the whole dict. ``rank0_only=True``: global rank 0 gets
+    it and every other rank gets ``{}`` (each experts group gathers to its member of lowest global rank, so on a
+    data x expert mesh the first rank of every replica gathers too, then drops it)."""
+    model = _root(model)
+    distributed = dist.is_available() and dist.is_initialized()
+    keep = not rank0_only or not distributed or dist.get_rank() == 0
+    sd = dict(model.state_dict()) if keep else {}
     for path, m in _modules(model):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
         for n in st.local_names:
             sd.pop(pre + n, None)
-        for n, v in _full_expert_tensors(st, m).items():
-            sd[pre + n] = v
+        dst = min(dist.get_process_group_ranks(st.world.group)) if rank0_only and st.W > 1 else None
+        full = _full_expert_tensors(st, m, dst)
+        if keep:
+            sd.update({pre + n: v for n, v in full.items()})
     return sd
 
 
@@ -475,6 +613,7 @@ def local_from_full(module: nn.Module, full: dict[str, torch.Tensor]) -> dict[st
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True):
     """Load a whole-model state dict (as :func:`full_state_dict` or an unparallelized model writes it): every
     rank keeps its own part of each experts module's weights."""
+    model = _root(model)
     sd = dict(state_dict)
     for path, m in _modules(model):
         st = m._moe_parallel
@@ -486,3 +625,237 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         for n, v in local_from_full(m, full).items():
             sd[pre + n] = v
     return model.load_state_dict(sd, strict=strict)
+
+
+# --------------------------------------------------------------------------------------------- optimizer state
+def _expert_owners(root: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Local parameter name (in ``root``) of every sharded expert parameter -> (module path, module)."""
+    out = {}
+    for path, m in _modules(root):
+        pre = f"{path}." if path else ""
+        for n in m._moe_parallel.local_names:
+            out[pre + n] = (path, m)
+    return out
+
+
+def _full_param_names(path: str, m: nn.Module) -> list[str]:
+    pre = f"{path}." if path else ""
+    return [pre + n for s in SLOTS for n in m._moe_parallel.full_names[s]]
+
+
+def _is_elementwise(v, p: torch.Tensor) -> bool:
+    """Optimizer state shaped like its parameter (momentum, exp_avg, ...), as opposed to a scalar (step)."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape)
+
+
+def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state for the whole model, keyed by the unparallelized model's parameter names:
+    ``{"state": {name: {key: value}}, "param_groups": [{...hyperparameters, "params": [name, ...]}]}``.
+
+    Each rank's optimizer holds state for its own shards only (its parameters are the shards); per-element state
+    (SGD's ``momentum_buffer``, Adam's ``exp_avg`` / ``exp_avg_sq`` ...) of sharded experts is gathered whole like
+    the weights in :func:`full_state_dict`, scalar state (``step``) is kept (it must be equal over a module's
+    parameters). A collective over every experts group: call it on every rank; every rank gets the whole dict.
+    Load it with :func:`load_full_optim_state_dict` at any world size (or into an unparallelized model)."""
+    root = _root(model)
+    names = {id(p): n for n, p in root.named_parameters()}
+    owners = _expert_owners(root)
+    state: dict[str, dict] = {}
+    groups = []
+    module_group: dict[int, int] = {}
+    for gi, g in enumerate(optimizer.param_groups):
+        fqns: list[str] = []
+        for p in g["params"]:
+            n = names.get(id(p))
+            if n is None:
+                raise ParallelError("moe_compile.full_optim_state_dict: the optimizer holds a parameter that is not "
+                                    "in the model (build the optimizer after parallelize, on the model's parameters)")
+            if n in owners:
+                path, m = owners[n]
+                if module_group.setdefault(id(m), gi) != gi:
+                    raise ParallelError(f"moe_compile.full_optim_state_dict: the parameters of {path} are in "
+                                        "different parameter groups; keep each experts module in one group")
+                for f in _full_param_names(path, m):
+                    if f not in fqns:
+                        fqns.append(f)
+                continue
+            fqns.append(n)
+            if p in optimizer.state and optimizer.state[p]:
+                state[n] = dict(optimizer.state[p])
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": fqns})
+
+    for path, m in _modules(root):  # the same order on every rank of a group
+        st = m._moe_parallel
+        params = [m.get_parameter(n) for n in st.local_names]
+        local = [optimizer.state.get(p, {}) for p in params]
+        keys = sorted({k for s_ in local for k in s_})
+        desc = []
+        for k in keys:
+            vals = [s_.get(k) for s_ in local]
+            if any(v is None for v in vals):
+                desc.append((k, "partial"))
+            elif all(_is_elementwise(v, p) for v, p in zip(vals, params)):
+                desc.append((k, "elementwise"))
+            else:
+                plain = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in vals]
+                desc.append((k, ("scalar", plain[0]) if all(v == plain[0] for v in plain) else "unequal"))
+        views: list = [None] * st.W
+        dist.all_gather_object(views, desc, group=st.world.group)
+        bad = [k for k, kind in desc if kind in ("partial", "unequal")]
+        if bad or any(v != views[0] for v in views):
+            raise ParallelError(
+                f"moe_compile.full_optim_state_dict: {path}: the optimizer state of the experts differs between "
+                f"their parameters or ranks ({views}); every expert parameter must have been stepped alike")
+        full_names = _full_param_names(path, m)
+        per: dict[str, dict] = {f: {} for f in full_names}
+        pre = f"{path}." if path else ""
+        for k, kind in desc:
+            if kind == "elementwise":
+                for n, v in _full_from_local(st, [s_[k] for s_ in local]).items():
+                    per[pre + n][k] = v
+            else:
+                for f in full_names:
+                    v = local[0][k]
+                    per[f][k] = v.clone() if isinstance(v, torch.Tensor) else v
+        for f in full_names:
+            if per[f]:
+                state[f] = per[f]
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
+    """Load a dict written by :func:`full_optim_state_dict` (at any world size) into ``optimizer``, whose
+    parameters are ``model``'s (parallelized over any number of ranks, or not at all): every rank keeps the state
+    of its own shards. The hyperparameters of the i-th parameter group come from the dict's i-th group. No
+    collective."""
+    root = _root(model)
+    names = {id(p): n for n, p in root.named_parameters()}
+    owners = _expert_owners(root)
+    if len(osd["param_groups"]) != len(optimizer.param_groups):
+        raise ParallelError(f"moe_compile.load_full_optim_state_dict: {len(osd['param_groups'])} parameter groups "
+                            f"in the dict, {len(optimizer.param_groups)} in the optimizer")
+    full_state = osd["state"]
+    local_state: dict[str, dict] = {}
+    for path, m in _modules(root):
+        full_names = _full_param_names(path, m)
+        have = [f for f in full_names if f in full_state]
+        if not have:
+            continue
+        if len(have) != len(full_names):
+            raise KeyError(f"moe_compile.load_full_optim_state_dict: {path}: state for only some experts "
+                           f"parameters ({len(have)} of {len(full_names)})")
+        pre = f"{path}." if path else ""
+        keys = list(full_state[full_names[0]])
+        per: dict[str, dict] = {n: {} for n in m._moe_parallel.local_names}
+        for k in keys:
+            vals = {f[len(pre):]: full_state[f][k] for f in full_names}
+            if all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in vals.values()):
+                for n, v in local_from_full(m, vals).items():
+                    per[n][k] = v
+            else:
+                for n in per:
+                    v = vals[full_names[0][len(pre):]]
+                    per[n][k] = v.clone() if isinstance(v, torch.Tensor) else v
+        for n, v in per.items():
+            local_state[pre + n] = v
+    indexed = optimizer.state_dict()["param_groups"]
+    new_state, new_groups = {}, []
+    for g, ig, fg in zip(optimizer.param_groups, indexed, osd["param_groups"]):
+        for idx, p in zip(ig["params"], g["params"]):
+            n = names.get(id(p))
+            if n is None:
+                raise ParallelError("moe_compile.load_full_optim_state_dict: the optimizer holds a parameter that "
+                                    "is not in the model")
+            v = local_state.get(n) if n in owners else full_state.get(n)
+            if v is not None:  # copies: training must not write into the caller's dict (or its shared memory)
+                new_state[idx] = {k: t.clone() if isinstance(t, torch.Tensor) else t for k, t in v.items()}
+        new_groups.append({**{k: v for k, v in fg.items() if k != "params"}, "params": list(ig["params"])})
+    optimizer.load_state_dict({"state": new_state, "param_groups": new_groups})
+
+
+# ------------------------------------------------------------------------------------ sharded (DCP) state dicts
+def _ep_mesh(st: ParallelState):
+    """A 1D DeviceMesh over the module's experts group (made once)."""
+    mesh = getattr(st, "_device_mesh", None)
+    if mesh is None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = DeviceMesh.from_group(st.world.group, _device_of([st]).type)
+        st._device_mesh = mesh
+    return mesh
+
+
+def _list_names(st: ParallelState) -> list[tuple[str, str]]:
+    """(local name, unparallelized name) of an ``nn.ModuleList`` experts module's parameters (``E >= W``)."""
+    first = st.layout.first_expert(st.rank)
+    pairs, i = [], 0
+    for s, count in zip(SLOTS, st.slot_counts):
+        for j in range(count):
+            pairs.append((st.local_names[i], st.full_names[s][first + j]))
+            i += 1
+    return pairs
+
+
+def sharded_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` for ``torch.distributed.checkpoint`` (DCP): each rank's own expert weights, under
+    the unparallelized model's names and global shapes, so that ``dcp.save`` writes every shard once and
+    ``dcp.load`` fills the shards of a model parallelized over any number of ranks:
+
+    - stacked experts with ``E >= W``: a ``DTensor`` sharded along the experts dimension (``Shard(0)``) on the
+      experts group (replicas of a data x expert mesh write the same chunk; DCP keeps one);
+    - ``nn.ModuleList`` experts with ``E >= W``: this rank's whole experts under their own names;
+    - ``E < W`` (hidden slices, not one rectangular block per rank): the whole weights, gathered (a collective,
+      as in :func:`full_state_dict`).
+
+    Dense entries are ``model.state_dict()``'s (replicated; DCP writes them once). Call it on every rank; load with
+    ``dcp.load(sd, ...)`` on a dict this function made for the target model, then :func:`load_sharded_state_dict`.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    root = _root(model)
+    sd = dict(root.state_dict())
+    for path, m in _modules(root):
+        st = m._moe_parallel
+        pre = f"{path}." if path else ""
+        local = {n: m.get_parameter(n).detach() for n in st.local_names}
+        for n in local:
+            sd.pop(pre + n, None)
+        if st.layout.E >= st.W and st.spec.stacked:
+            mesh = _ep_mesh(st)
+            for n, t in local.items():
+                sd[pre + n] = DTensor.from_local(t, mesh, [Shard(0)], run_check=False)
+        elif st.layout.E >= st.W:
+            for n, full in _list_names(st):
+                sd[pre + full] = local[n]
+        else:
+            for n, v in _full_from_local(st, list(local.values())).items():
+                sd[pre + n] = v
+    return sd
+
+
+def load_sharded_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
+    """Load a dict shaped as :func:`sharded_state_dict` made it for ``model`` (typically filled by ``dcp.load``):
+    every rank keeps its own part. No collective."""
+    from torch.distributed.tensor import DTensor
+
+    root = _root(model)
+    sd = dict(state_dict)
+    out = {}
+    for path, m in _modules(root):
+        st = m._moe_parallel
+        pre = f"{path}." if path else ""
+        if st.layout.E >= st.W and st.spec.stacked:
+            vals = {n: sd.pop(pre + n) for n in st.local_names}
+            if all(isinstance(v, DTensor) for v in vals.values()):
+                out.update({pre + n: v.to_local() for n, v in vals.items()})
+            else:  # whole tensors (a full state dict)
+                out.update({pre + n: v for n, v in local_from_full(m, vals).items()})
+        elif st.layout.E >= st.W:
+            for n, full in _list_names(st):
+                out[pre + n] = sd.pop(pre + full)
+        else:
+            full = {n: sd.pop(pre + n) for s in SLOTS for n in st.full_names[s]}
+            for n, v in local_from_full(m, full).items():
+                out[pre + n] = v
+    out.update(sd)
+    return root.load_state_dict(out, strict=strict)

@@ -6,7 +6,10 @@ The custom op (``parallel.op``) looks the state up by key at run time and calls 
 Gradient convention: an expert parameter's gradient is the SUM over ranks of each rank's contribution (the
 gradient of the sum of the ranks' losses), times ``grad_scale`` (1 by default). Inside a DistributedDataParallel
 forward it is the MEAN over ranks instead (the sum divided by ``W``), as DDP averages the dense gradients: a step
-on ``W`` ranks is then the single-process step on the global batch with the ranks' losses averaged.
+on ``W`` ranks is then the single-process step on the global batch with the ranks' losses averaged. With a replica
+group (data x expert mesh, ``dp``) "ranks" means all ``W * DP`` ranks of the mesh: the backward sums each call's
+contribution over the replicas too (inside the op, on every backward: linear, so gradient accumulation with or
+without ``no_sync`` neither skips nor double-counts it).
 
 The backward recomputes the forward (token exchange, weight gathers, first GEMMs): nothing but the op's inputs
 and a small integer record of the call (mode, capacity, DDP averaging, flat or hierarchical exchange, routing
@@ -20,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..codegen import cpu
@@ -57,12 +61,13 @@ class ParallelState:
     def __init__(self, *, key: str, path: str, spec: MoESpec, layout: Layout, world: Comm, a2a: AllToAll,
                  shard: Comm | None, local_world_size: int, mode: str, capacity_factor: float | None,
                  slot_counts: tuple[int, ...], local_names: list[str], full_names: dict[str, list[str]],
-                 rates: cost.Rates, traffic: Traffic, weight_itemsize: int):
+                 rates: cost.Rates, traffic: Traffic, weight_itemsize: int, dp: Comm | None = None):
         self.key, self.path = key, path
         self.spec = spec  # the whole module, as detected (E experts, ffn F, storage layout)
         self.local_spec = dataclasses.replace(spec, num_experts=layout.El, ffn=layout.Fl)
         self.layout = layout
         self.world, self.a2a, self.shard = world, a2a, shard
+        self.dp = dp  # the replica group of a data x expert mesh (ranks holding the same shard), or None
         self.flat_a2a = AllToAll(world) if a2a.hierarchical else a2a  # auto may pick either, call by call
         self.local_world_size = local_world_size
         self.mode = mode
@@ -93,6 +98,11 @@ class ParallelState:
     @property
     def W(self) -> int:
         return self.world.size
+
+    @property
+    def DP(self) -> int:
+        """Replicas of this rank's shard (1 without a replica group)."""
+        return self.dp.size if self.dp is not None else 1
 
     def valid_modes(self) -> tuple[str, ...]:
         return ("expert", "data", "tensor", "auto") if self.layout.E < self.layout.W else ("expert", "data", "auto")
@@ -173,6 +183,14 @@ class ParallelState:
                     "moe_compile.parallelize, so it all-reduces and broadcasts the expert parameters (or holds the "
                     "unsharded ones). Fix: call moe_compile.parallelize(model) first, then "
                     "DistributedDataParallel(model), then torch.compile")
+            pg = getattr(ddp, "process_group", None)
+            if pg is not None and dist.get_world_size(pg) != self.W * self.DP:
+                raise RuntimeError(
+                    f"moe_compile.parallel ({self.path}): DistributedDataParallel averages over "
+                    f"{dist.get_world_size(pg)} ranks, but the experts are sharded over {self.W} ranks with "
+                    f"{self.DP} replica(s) each. When the experts group is smaller than DDP's group, pass "
+                    "parallelize(model, group=experts_group, dp_group=replica_group) (or mesh=), so that expert "
+                    "gradients are reduced over the replicas too")
             self._ddp_checked.add(id(ddp))
         return ddp
 
@@ -302,6 +320,9 @@ class ParallelState:
             dw = dw.view(w.shape)
         d = self._local_grads(mode, d)
         grads = cpu.weight_grads(self.local_spec, d, *lists)
-        s = self.grad_scale / (self.W if averaged else 1)
+        s = self.grad_scale / (self.W * self.DP if averaged else 1)
         flat = [g.mul(s) for gs_ in grads for g in gs_]  # fresh tensors (never views of one buffer)
+        if self.dp is not None:  # sum this backward's contribution over the replicas of the shard
+            total = self.dp.all_reduce(torch.cat([g.reshape(-1) for g in flat]))
+            flat = [t.view_as(g).clone() for t, g in zip(total.split([g.numel() for g in flat]), flat)]
         return dx, dw, flat

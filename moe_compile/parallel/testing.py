@@ -8,11 +8,14 @@ call after ``timeout`` seconds (and the pool is then closed) instead of hanging 
 ``compare(case)`` is the equivalence check the tests run on every rank: a model, a copy parallelized over the
 group, and the single-process model on the concatenation of all ranks' tokens; it returns the largest relative
 differences of outputs, input gradients, dense and expert parameter gradients, step after step (SGD), with the
-parallel mode switched as ``case["modes"]`` says.
+parallel mode switched as ``case["modes"]`` says. ``ddp_compare(case)`` is the same for ``parallelize -> DDP ->
+(torch.compile)`` training (SGD with momentum or AdamW, gradient accumulation under ``no_sync``, a data x expert
+mesh from :func:`mesh_groups`), against one process on the global batch, including the optimizer state.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import math
 import os
@@ -407,62 +410,160 @@ def compare(case: dict) -> dict:
     return {"errors": errs, **facts}
 
 
+_MESHES: dict = {}  # (W, ep, how) -> (experts group, replica group, mesh or None), made once per process
+
+
+def mesh_groups(ep: int, how: str = "device_mesh"):
+    """This rank's (experts group, replica group, DeviceMesh or None) of a ``(W/ep) x ep`` mesh: experts sharded
+    over ``ep`` consecutive ranks, replicated over the ranks ``ep`` apart. ``how``: ``"device_mesh"``
+    (``init_device_mesh``, dims named ``("dp", "ep")``) or ``"groups"`` (``dist.new_group``). Every rank calls it."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    key = (W, ep, how)
+    if key not in _MESHES:
+        if how == "device_mesh":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (W // ep, ep), mesh_dim_names=("dp", "ep"))
+            _MESHES[key] = (mesh.get_group("ep"), mesh.get_group("dp"), mesh)
+        else:
+            mine = [None, None]
+            for first in range(0, W, ep):  # every rank creates every group, in the same order
+                g = dist.new_group(list(range(first, first + ep)))
+                if first <= rank < first + ep:
+                    mine[0] = g
+            for j in range(ep):
+                g = dist.new_group(list(range(j, W, ep)))
+                if rank % ep == j:
+                    mine[1] = g
+            _MESHES[key] = (mine[0], mine[1], None)
+    return _MESHES[key]
+
+
+def _optimizer(name: str, params, lr: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    raise ValueError(name)
+
+
 def ddp_compare(case: dict) -> dict:
-    """Run on every rank: ``parallelize -> DDP -> (torch.compile)`` training steps (SGD, loss = mean squared error
-    over the rank's tokens) against the single-process model on the global batch with the mean loss.
-    ``case``: kind, E, H, F, k, tokens (per rank, all equal), modes, lr, seed, compile."""
+    """Run on every rank: ``parallelize -> DDP -> (torch.compile)`` training steps (loss = mean squared error over
+    the rank's tokens) against the single-process model on the global batch with the mean loss.
+
+    ``case``: kind, E, H, F, k, layers, tokens (per rank and micro-batch, all equal), modes (one per step), seed,
+    compile (None, "aot_eager", "inductor"), optimize_ddp (torch._dynamo.config.optimize_ddp while compiling),
+    bucket_cap_mb (DDP's; small values make DDPOptimizer split the compiled graph),
+    optim ("sgd": SGD with momentum 0.9, "adamw": AdamW with weight decay 0.01), lr, micro (micro-batches per rank
+    and step, all but the last under ``ddp.no_sync()``, each loss divided by ``micro``: gradient accumulation), ep
+    (experts group size; smaller than the world: a ``(W/ep) x ep`` data x expert mesh), mesh ("device_mesh" or
+    "groups": how that mesh is made and handed to parallelize), resync (load the reference's weights into the
+    parallel model after each step, so fp32 rounding does not compound over the steps; optimizer state is never
+    resynced), float64 (run everything in float64: no rounding to compound, differences ~1e-15).
+    Returns the largest relative differences (loss, dense_grad, expert_grad, weights, optim_state) and facts."""
+    if case.get("float64"):
+        old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return ddp_compare({**case, "float64": False})
+        finally:
+            torch.set_default_dtype(old_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     from . import api
 
     rank, W = dist.get_rank(), dist.get_world_size()
-    T = case["tokens"]
+    T, micro = case["tokens"], case.get("micro", 1)
     H = case.get("H", 16)
+    ep = case.get("ep", W)
     torch.manual_seed(case.get("seed", 0))
     model = ToyMoE(case.get("kind", "stacked"), case["E"], H, case.get("F", 8), case.get("k", 2), case.get("layers", 2))
     ref = copy.deepcopy(model)
-    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0])
-    ddp = DistributedDataParallel(par)
+    if ep < W:
+        ep_group, dp_group, mesh = mesh_groups(ep, case.get("mesh", "device_mesh"))
+        kw = dict(mesh=mesh) if mesh is not None else dict(group=ep_group, dp_group=dp_group)
+    else:
+        kw = {}
+    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0], **kw)
+    old_opt_ddp, old_first = torch._dynamo.config.optimize_ddp, dist._DEFAULT_FIRST_BUCKET_BYTES
+    if "bucket_cap_mb" in case:  # DDP and DDPOptimizer want the first bucket no larger than the others
+        dist._DEFAULT_FIRST_BUCKET_BYTES = min(old_first, int(case["bucket_cap_mb"] * 2 ** 20))
+    ddp = DistributedDataParallel(par, **({"bucket_cap_mb": case["bucket_cap_mb"]} if "bucket_cap_mb" in case else {}))
     run = ddp
     if case.get("compile"):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
+        if case.get("optimize_ddp") is not None:
+            torch._dynamo.config.optimize_ddp = case["optimize_ddp"]
         run = torch.compile(ddp, backend="moe", options={"compiler": case["compile"]})
-    lr = case.get("lr", 0.05)
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=lr)
-    opt_par = torch.optim.SGD(par.parameters(), lr=lr)
+    optim = case.get("optim", "sgd")
+    lr = case.get("lr", 0.02 if optim == "sgd" else 0.01)
+    opt_ref = _optimizer(optim, ref.parameters(), lr)
+    opt_par = _optimizer(optim, par.parameters(), lr)
     errs: dict[str, float] = {}
+    facts: dict = {"per_step": []}
 
     def note(name, value):
         errs[name] = value if math.isnan(value) else max(errs.get(name, 0.0), value)
+        facts["per_step"][-1][name] = max(facts["per_step"][-1].get(name, 0.0), value)
 
-    for step, mode in enumerate(case["modes"]):
-        api.set_parallel(par, mode)
-        g = torch.Generator().manual_seed(1000 * case.get("seed", 0) + step)
-        x_all = torch.randn(W * T, H, generator=g)
-        c_all = torch.randn(W * T, H, generator=g)
-        opt_ref.zero_grad(set_to_none=True)
-        loss_ref = 0.5 * ((ref(x_all) - c_all) ** 2).sum(-1).mean()
-        loss_ref.backward()
-        opt_par.zero_grad(set_to_none=True)
-        sl = slice(rank * T, (rank + 1) * T)
-        loss = 0.5 * ((run(x_all[sl]) - c_all[sl]) ** 2).sum(-1).mean()
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        note("loss", rel(mean_loss / W, loss_ref.detach()))
-        ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
-        floor = max(1e-2 * max(float(v.abs().max()) for v in ref_grads.values()), 1e-12)
-        for n, p in par.named_parameters():
-            if not api.is_expert_param(p):
-                note("dense_grad", rel(p.grad, ref_grads[n], floor))  # DDP averaged it
-        for path, m in api._modules(par):
-            full = {n: ref_grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
-            for n, v in api.local_from_full(m, full).items():
-                note("expert_grad", rel(m.get_parameter(n).grad, v, floor))
-        opt_ref.step()
-        opt_par.step()
-        full_sd = api.full_state_dict(par)
-        note("weights", max(rel(full_sd[n], v) for n, v in ref.state_dict().items()))
-    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if case.get("compile") else 0
-    return {"errors": errs, "graphs": graphs}
+    try:
+        for step, mode in enumerate(case["modes"]):
+            facts["per_step"].append({"mode": mode})
+            api.set_parallel(par, mode)
+            g = torch.Generator().manual_seed(1000 * case.get("seed", 0) + step)
+            x_all = torch.randn(W * micro * T, H, generator=g)
+            c_all = torch.randn(W * micro * T, H, generator=g)
+            opt_ref.zero_grad(set_to_none=True)
+            loss_ref = 0.5 * ((ref(x_all) - c_all) ** 2).sum(-1).mean()
+            loss_ref.backward()
+            opt_par.zero_grad(set_to_none=True)
+            total = torch.zeros(())
+            for j in range(micro):
+                sl = slice((rank * micro + j) * T, (rank * micro + j + 1) * T)
+                with (ddp.no_sync() if j < micro - 1 else contextlib.nullcontext()):
+                    loss = 0.5 * ((run(x_all[sl]) - c_all[sl]) ** 2).sum(-1).mean() / micro
+                    loss.backward()
+                total += loss.detach()
+            dist.all_reduce(total)
+            note("loss", rel(total / W, loss_ref.detach()))
+            ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
+            floor = max(1e-2 * max(float(v.abs().max()) for v in ref_grads.values()), 1e-12)
+            for n, p in par.named_parameters():
+                if not api.is_expert_param(p):
+                    note("dense_grad", rel(p.grad, ref_grads[n], floor))  # DDP averaged it
+            for path, m in api._modules(par):
+                full = {n: ref_grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
+                for n, v in api.local_from_full(m, full).items():
+                    note("expert_grad", rel(m.get_parameter(n).grad, v, floor))
+            opt_ref.step()
+            opt_par.step()
+            full_sd = api.full_state_dict(par)
+            note("weights", max(rel(full_sd[n], v) for n, v in ref.state_dict().items()))
+            # the optimizer state, gathered by parameter name, is the single-process optimizer's
+            full_os, ref_os = api.full_optim_state_dict(par, opt_par), api.full_optim_state_dict(ref, opt_ref)
+            assert set(full_os["state"]) == set(ref_os["state"]), set(full_os["state"]) ^ set(ref_os["state"])
+            for fg, rg in zip(full_os["param_groups"], ref_os["param_groups"], strict=True):
+                assert sorted(fg.pop("params")) == sorted(rg.pop("params")) and fg == rg, (fg, rg)
+            for n, st in ref_os["state"].items():
+                assert set(full_os["state"][n]) == set(st), (n, full_os["state"][n].keys(), st.keys())
+                for key, v in st.items():
+                    note("optim_state", rel(torch.as_tensor(full_os["state"][n][key]), torch.as_tensor(v)))
+            if case.get("resync"):
+                api.load_full_state_dict(par, ref.state_dict())
+        # each rank's optimizer holds state only for its own shards: shaped like the local parameters
+        facts["local_state_shapes_ok"] = all(
+            tuple(v.shape) == tuple(p.shape) for p, st in opt_par.state.items() for v in st.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0)
+        facts["expert_state_numel"] = sum(v.numel() for p, st in opt_par.state.items() if api.is_expert_param(p)
+                                          for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        facts["ref_expert_state_numel"] = sum(
+            v.numel() for n, p in ref.named_parameters() if ".experts." in n
+            for v in opt_ref.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    finally:
+        torch._dynamo.config.optimize_ddp = old_opt_ddp
+        dist._DEFAULT_FIRST_BUCKET_BYTES = old_first
+    facts["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if case.get("compile") else 0
+    # graphs handed to aot_autograd: more than the Dynamo graphs when DDPOptimizer split them at bucket boundaries
+    facts["aot_graphs"] = int(torch._dynamo.utils.counters["aot_autograd"]["total"]) if case.get("compile") else 0
+    return {"errors": errs, **facts}
