@@ -552,17 +552,9 @@ def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | 
     local parameters (the parameters themselves, or per-element optimizer state): a collective over the group.
     ``dst`` (a global rank in the group): gathered to that rank only; the others get ``{}``."""
     local = cpu.canonical_weights(st.local_spec, *st._lists([t.detach() for t in tensors]))
-    if dst is None:
-        full = st._gather(local, Comm(st.world.group), list(range(st.W)))
-    else:
-        lay = st.layout
-        flat = lay.pack(local).contiguous()
-        parts = [torch.empty_like(flat) for _ in range(st.W)] if dist.get_rank() == dst else None
-        dist.gather(flat, parts, dst=dst, group=st.world.group)
-        if parts is None:
-            return {}
-        full = lay.unshard([lay.unpack(f) for f in parts], list(range(st.W)))
-        del parts
+    full = st._gather(local, Comm(st.world.group), list(range(st.W)), dst)
+    if full is None:
+        return {}
     dtype = tensors[0].dtype
     like = [[torch.empty(0, dtype=dtype)] * ((1 if st.spec.stacked else st.layout.E) if st.full_names[s] else 0)
             for s in SLOTS]
@@ -592,7 +584,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
         pre = f"{path}." if path else ""
         for n in st.local_names:
             sd.pop(pre + n, None)
-        dst = min(dist.get_process_group_ranks(st.world.group)) if rank0_only and st.W > 1 else None
+        dst = min(dist.get_process_group_ranks(st.world.group)) if rank0_only else None
         full = _full_expert_tensors(st, m, dst)
         if keep:
             sd.update({pre + n: v for n, v in full.items()})

@@ -57,6 +57,17 @@ class Comm:
         self.traffic.add("all_gather", flat.numel() * flat.element_size() * (self.size - 1))
         return _wait(_all_gather(flat.contiguous(), 0, self.group))
 
+    def gather(self, flat: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """``[n] -> [size * n]`` in rank order on the global rank ``dst`` only (``None`` on the others)."""
+        if self.size == 1:
+            return flat
+        self.traffic.add("gather", 0 if dist.get_rank() == dst else flat.numel() * flat.element_size())
+        out = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device) \
+            if dist.get_rank() == dst else None
+        dist.gather(flat.contiguous(), list(out.chunk(self.size)) if out is not None else None, dst=dst,
+                    group=self.group)
+        return out
+
     def reduce_scatter(self, flat: torch.Tensor) -> torch.Tensor:
         """``[size * n] -> [n]``: the sum over ranks of this rank's chunk."""
         if self.size == 1:

@@ -125,9 +125,15 @@ class ParallelState:
             return dataclasses.replace(self.spec, num_experts=1, ffn=lay.Fl)
         return dataclasses.replace(self.spec, num_experts=dispatch.n_local(lay, mode), ffn=lay.F)
 
-    def _gather(self, local: Weights, comm: Comm, ranks: list[int]) -> Weights:
+    def _gather(self, local: Weights, comm: Comm, ranks: list[int], dst: int | None = None) -> Weights | None:
+        """The whole weights of ``ranks`` (``comm``'s members in order) on every rank, or on the global rank ``dst``
+        only (``None`` on the others)."""
         lay = self.layout
-        flat = comm.all_gather(lay.pack(local)).view(comm.size, -1)
+        packed = lay.pack(local)
+        flat = comm.all_gather(packed) if dst is None else comm.gather(packed, dst)
+        if flat is None:
+            return None
+        flat = flat.view(comm.size, -1)
         return lay.unshard([lay.unpack(flat[i]) for i in range(comm.size)], ranks)
 
     def _reduce_to_owners(self, full: Weights, comm: Comm, ranks: list[int], first: int) -> Weights:
