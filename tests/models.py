@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import moe_compile
 
-ACTS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+ACTS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
 class MLP(nn.Module):

@@ -8,6 +8,11 @@ gate/up layout, activation), orders them by the hints the module gives (``act_fn
 ``is_concatenated``...), and keeps the first candidate whose fused computation equals the module's own forward in
 float64 on random routing (tokens of very different scales, so clamps and activations are exercised; one expert
 left without tokens). A module for which no candidate is exact is left alone, with the reason.
+
+The proof never reads the parameters' values: it runs both sides on several independent draws of RANDOM parameters
+of the same shapes (``random_parameters``), so a reading that only holds for today's weights (a zero-initialised
+output projection makes every activation look alike; identical experts hide a permuted reading) cannot pass, and
+what it proves stays true however training moves the weights.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from ..spec import MoESpec, RouterSpec
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
 _MAX_CANDIDATES = 96
 _TOL = 1e-9
+PARAM_DRAWS = 3
+"""Independent random parameter draws every reading is proven on (each with two random routings)."""
 
 
 @dataclass
@@ -197,6 +204,23 @@ def _random_routing(E: int, k: int, H: int, device, seed: int = 0):
     return x, idx, w
 
 
+def random_parameters(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """float64 random tensors with the shapes (and device) of ``params``, never their values: matrices and stacked
+    weights scaled by 1/sqrt(their smaller dimension) so activations see inputs of order one (times the probes'
+    token scales), vectors (biases) of order 0.5. Every element nonzero with probability one."""
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1))
+    out = {}
+    for name, p in params.items():
+        shape = tuple(p.shape)
+        t = torch.randn(shape, generator=g, dtype=torch.float64)
+        if len(shape) >= 2:
+            t /= max(1, min(shape[-2:])) ** 0.5
+        else:
+            t *= 0.5
+        out[name] = t.to(p.device)
+    return out
+
+
 def _module_output(module, params64, x, idx, w):
     old = capture.ENABLED
     capture.ENABLED = False
@@ -248,7 +272,8 @@ def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMat
 
 def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None, probes=None) -> ExpertsMatch:
     """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
-    two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
+    ``PARAM_DRAWS`` independent draws of random parameters shaped like ``params`` (their values are never read),
+    each on two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     dtypes = {p.dtype for p in params.values()}
@@ -269,7 +294,7 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
     best, failure = float("inf"), ""
     given = probes
     with unset_fake_temporarily():
-        params64 = {n: p.detach().to(torch.float64) for n, p in params.items()}
+        draws = [random_parameters(params, seed) for seed in range(PARAM_DRAWS)]
         # the shapes may allow several hidden sizes: probe each with inputs of that size
         for H in dict.fromkeys(kw["hidden"] for kw, _ in trials):
             E = trials[0][0]["num_experts"]
@@ -280,30 +305,31 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
                 probes = given
             else:
                 probes = [_random_routing(E, k, H, device), _random_routing(E, min(E, k + 1), H, device, seed=1)]
+            cases = [(draw, probe) for draw in draws for probe in probes]
             try:
-                refs = [reference(params64, *p) for p in probes]
+                refs = [reference(draw, *probe) for draw, probe in cases]
             except Exception as e:  # noqa: BLE001 - this hidden size does not fit the code; reported if none does
                 failure = f"; the experts code failed on float64 probe inputs: {e}"
                 continue
-            if not all(isinstance(r, torch.Tensor) and r.shape == p[0].shape for r, p in zip(refs, probes)):
+            if not all(isinstance(r, torch.Tensor) and r.shape == probe[0].shape for r, (_, probe) in zip(refs, cases)):
                 failure = "; the experts do not return one [tokens, hidden] tensor"
                 continue
             for kw, slots in trials:
                 if kw["hidden"] != H:
                     continue
                 spec = MoESpec(top_k=k, pattern=pattern, **kw)
-                errs = []
-                for probe, ref in zip(probes, refs):
-                    errs.append(_relative_error(_fused_output(spec, slots, params64, *probe), ref))
-                    if errs[-1] > _TOL:
+                worst = 0.0
+                for (draw, probe), ref in zip(cases, refs):
+                    worst = max(worst, _relative_error(_fused_output(spec, slots, draw, *probe), ref))
+                    if worst > _TOL:
                         break
-                best = min(best, max(errs))
-                if max(errs) <= _TOL:
+                best = min(best, worst)
+                if worst <= _TOL:
                     return ExpertsMatch(spec, slots, pattern=pattern)
     return ExpertsMatch(
         None,
-        reason=f"no fused form equals the experts code (best of {len(trials)} candidates: rel. error {best:.1e})"
-        + failure,
+        reason=f"no fused form equals the experts code on random weights (best of {len(trials)} candidates: "
+        f"rel. error {best:.1e})" + failure,
         pattern=pattern,
     )
 
@@ -335,10 +361,11 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
     E, k = len(experts), max(1, min(top_k, len(experts)))
     pattern = f"dispatch + combine around {E} experts of your own code"
     with unset_fake_temporarily():
-        m64 = {n: p.detach().to(torch.float64) for n, p in params.items()}
         buffers = {n: b.to(torch.float64) if b.is_floating_point() else b for n, b in module.named_buffers()}
         worst = 0.0
-        for seed, kk in ((0, k), (1, min(E, k + 1))):
+        cases = [(draw, kk, seed) for draw in range(PARAM_DRAWS) for seed, kk in ((0, k), (1, min(E, k + 1)))]
+        for draw, kk, seed in cases:
+            m64 = random_parameters(params, draw)
             x, idx, w = _random_routing(E, kk, H, first.device, seed=seed)
             try:
                 ref = _module_output(module, {**m64, **buffers}, x, idx, w)

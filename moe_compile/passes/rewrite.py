@@ -9,6 +9,7 @@ Never runs ``eliminate_dead_code`` (it deletes in-place ``call_method`` nodes of
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -99,18 +100,23 @@ def describe_router(x: fx.Node, idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, i
 
 
 # --------------------------------------------------------------------------------------------- passes
-_MATCHES: dict[tuple, ExpertsMatch] = {}
+_MATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+"""Proofs per live module. A proof depends on the module's code and its parameters' names, shapes and dtypes, never
+on their values (it runs on random parameters), so an optimizer step cannot make a cached proof stale; the entry
+goes with the module (no id() that a later module could reuse)."""
 
 
 def _match_module(module, k: int, hidden: int | None = None) -> ExpertsMatch:
     """MLP experts (``hidden`` None) or, given the hidden size, dispatch+combine around the user's experts."""
-    key = (id(module), k, hidden, tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
-    if key not in _MATCHES:
+    key = (type(module), type(module).forward, k, hidden,
+           tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+    cache = _MATCHES.setdefault(module, {})
+    if key not in cache:
         if hidden is None:
-            _MATCHES[key] = detect_experts_module(module, top_k=k)
+            cache[key] = detect_experts_module(module, top_k=k)
         else:
-            _MATCHES[key] = detect_dispatch_combine(module, top_k=k, hidden=hidden)
-    return _MATCHES[key]
+            cache[key] = detect_dispatch_combine(module, top_k=k, hidden=hidden)
+    return cache[key]
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> None:
