@@ -3,17 +3,14 @@
 ``torch.compile(model, backend="moe")`` is the main entry point (registered through the ``torch_dynamo_backends``
 entry point, so importing this package first is optional).
 
-Importing the package (which ``torch.compile(..., backend="moe")`` does) turns on two Dynamo settings so that
-hand-written dispatch code (``nonzero``, ``torch.where`` on masks, ``.tolist()``) traces into graphs instead of
-breaking them: ``capture_dynamic_output_shape_ops`` and ``capture_scalar_outputs``. They apply to every model compiled
-in the process; set them back with ``torch._dynamo.config`` if another model needs the defaults.
+Importing the package changes nothing for other models or backends: the Dynamo settings that hand-written dispatch
+code needs (``capture_dynamic_output_shape_ops``, ``capture_scalar_outputs``) and the capture of experts modules hold
+only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope``).
 """
 from __future__ import annotations
 
-import torch
-
 from . import ops  # noqa: F401  (registers the moe_compile:: ops)
-from . import capture
+from . import capture, scope
 from .backend import moe_backend
 from .capture import experts
 from .spec import MoESpec, RouterSpec
@@ -23,9 +20,9 @@ __version__ = "0.1.0"
 
 
 def install_capture() -> None:
-    """Make Dynamo capture experts modules whole (idempotent; done on import)."""
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    torch._dynamo.config.capture_scalar_outputs = True
+    """Hook the moe backend's per-frame scope into Dynamo and HF's experts lookup (idempotent; done on import).
+    Both hooks do nothing outside frames compiled with ``backend="moe"``."""
+    scope.install()
     capture.install_hf_capture()
 
 

@@ -10,7 +10,8 @@ Two ways in:
 - ``@moe_compile.experts`` on a class with ``forward(hidden [T, H], topk_idx [T, k], topk_weights [T, k]) -> [T, H]``.
 - HF transformers experts modules (``@use_experts_implementation``): their implementation lookup is routed here while
   compiling, whatever ``experts_implementation`` they are set to.
-In eager mode (not compiling) nothing changes.
+Capture happens only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope.active``): in eager
+mode, and under ``torch.compile`` with any other backend, these modules run exactly their own code.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import weakref
 
 import torch
 from torch import Tensor
+
+from . import scope
 
 _MODULES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 ENABLED = True  # moe_compile.capture.ENABLED = False turns capture off (Dynamo then traces modules as they are)
@@ -109,12 +112,29 @@ def captured_call(module: torch.nn.Module, x: Tensor, idx: Tensor, w: Tensor) ->
     return experts_call(x, idx, w, [p for _, p in module.named_parameters()], module_key(module))
 
 
-def _bind(args, kwargs):
-    """(hidden, topk_idx, topk_weights) from a call's arguments, positional first, then keywords in order."""
-    vals = list(args) + list(kwargs.values())
-    if len(vals) != 3:
-        raise TypeError(f"an experts module takes (hidden, topk_idx, topk_weights); got {len(vals)} arguments")
-    return vals
+def _bind(forward, module, args, kwargs):
+    """(hidden, topk_idx, topk_weights) from a call's arguments, bound by ``forward``'s own signature (so
+    ``m(x, topk_weights=w, topk_idx=idx)`` means what it means in eager mode): its first three parameters after
+    ``self``. Any other argument passed explicitly cannot travel through the captured op: a TypeError says so."""
+    sig = inspect.signature(forward)
+    try:
+        bound = sig.bind(module, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{type(module).__qualname__}.forward{sig}: {e}") from None
+    names = list(sig.parameters)[1:]
+    if len(names) < 3 or any(sig.parameters[n].kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                             inspect.Parameter.POSITIONAL_ONLY,
+                                                             inspect.Parameter.KEYWORD_ONLY) for n in names[:3]):
+        raise TypeError(f"{type(module).__qualname__}.forward{sig} must take (hidden, topk_idx, topk_weights) as "
+                        "its first three parameters")
+    missing = [n for n in names[:3] if n not in bound.arguments]
+    extra = [n for n in bound.arguments if n not in names[:3] and n != next(iter(sig.parameters))]
+    if missing or extra:
+        raise TypeError(f"moe_compile captures {type(module).__qualname__}.forward{sig} with exactly its arguments "
+                        f"{names[:3]} (hidden, topk_idx, topk_weights); "
+                        + (f"missing {missing}" if missing else f"also got {extra}, which the fused op cannot carry")
+                        + ": pass only those three, or leave the class undecorated")
+    return [bound.arguments[n] for n in names[:3]]
 
 
 # --------------------------------------------------------------------------------------------- the decorator
@@ -135,8 +155,8 @@ def experts(cls):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if ENABLED and torch.compiler.is_compiling():
-            return captured_call(self, *_bind(args, kwargs))
+        if ENABLED and torch.compiler.is_compiling() and scope.active():
+            return captured_call(self, *_bind(original, self, args, kwargs))
         return original(self, *args, **kwargs)
 
     cls.forward = forward
@@ -174,7 +194,7 @@ def install_hf_capture() -> bool:
     @functools.wraps(original)
     def get_interface(self, experts_implementation, default):
         fn = original(self, experts_implementation, default)
-        if ENABLED and torch.compiler.is_compiling():
+        if ENABLED and torch.compiler.is_compiling() and scope.active():
             return _hf_captured
         return fn
 
@@ -184,4 +204,4 @@ def install_hf_capture() -> bool:
 
 
 def _hf_captured(module, *args, **kwargs):
-    return captured_call(module, *_bind(args, kwargs))
+    return captured_call(module, *_bind(type(module).forward, module, args, kwargs))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .passes.rewrite import Region, fuse_moe
+from .scope import moe_scope
 
 
 @dataclass
@@ -50,11 +51,13 @@ def explain(model, *args, **kwargs) -> Report:
         report.regions += fuse_moe(gm, rewrite=False)
         return gm.forward
 
-    out = torch._dynamo.explain(model)(*args, **kwargs)
+    with moe_scope():
+        out = torch._dynamo.explain(model)(*args, **kwargs)
     report.graph_breaks = out.graph_break_count
     report.break_reasons = [str(b.reason) for b in out.break_reasons]
     torch._dynamo.reset()
-    torch.compile(model, backend=collect)(*args, **kwargs)
+    with moe_scope():
+        torch.compile(model, backend=collect)(*args, **kwargs)
     torch._dynamo.reset()
     from .parallel import parallel_report
 

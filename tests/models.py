@@ -221,3 +221,82 @@ class InlineGatherMoE(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         y = torch.einsum("tkf,tkhf->tkh", F.silu(gate) * up, self.w_out[idx])
         return (y * w.unsqueeze(-1)).sum(1).reshape(shape)
+
+
+class AllToAllIdentity(torch.autograd.Function):
+    """DeepSpeed-style all-to-all around the experts: an autograd Function that exchanges buffers between ranks
+    (here always one rank, so a copy)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out = torch.empty_like(x)
+            dist.all_to_all_single(out, x.contiguous())
+            return out
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAllIdentity.apply(grad)
+
+
+class DeepSpeedTop1Gate(nn.Module):
+    """DeepSpeed-MoE-style top-1 gate: the capacity is a 0-d tensor (with a data-dependent minimum) used as
+    ``F.one_hot(..., num_classes=capacity)``; returns (aux loss, combine weights, dispatch mask)."""
+
+    def __init__(self, H, E, capacity_factor=1.0, min_capacity=2):
+        super().__init__()
+        self.wg = nn.Linear(H, E, bias=False)
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+
+    def forward(self, x):
+        gates = F.softmax(self.wg(x), dim=1)
+        S, E = gates.shape
+        capacity = torch.ceil((S / E) * torch.tensor(self.capacity_factor)).to(torch.int64)
+        min_capacity = torch.tensor(self.min_capacity)
+        if capacity < min_capacity:
+            capacity = min_capacity.to(torch.int64)
+        idx = torch.argmax(gates, dim=1)
+        mask = F.one_hot(idx, num_classes=E)
+        loc = torch.cumsum(mask, dim=0) - 1
+        l_aux = (gates.mean(0) * mask.float().mean(0)).sum() * E
+        mask = mask * torch.lt(loc, capacity)
+        loc_s = torch.sum(loc * mask, dim=1)
+        gate_s = (gates * mask).sum(1)
+        loc_onehot = F.one_hot(loc_s, num_classes=capacity).float()
+        combine = torch.einsum("s,se,sc->sec", gate_s, mask.float(), loc_onehot)
+        return l_aux, combine, combine.bool()
+
+
+class DeepSpeedMoE(nn.Module):
+    """Gate, einsum dispatch, all-to-all, experts over [E, C, H] chunks, all-to-all back, einsum combine; returns
+    (output, aux loss) as DeepSpeed's MoE layer does."""
+
+    def __init__(self, H, F_, E, capacity_factor=1.0):
+        super().__init__()
+        self.gate = DeepSpeedTop1Gate(H, E, capacity_factor)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(H, F_), nn.GELU(), nn.Linear(F_, H)) for _ in range(E))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        l_aux, combine, dispatch = self.gate(x)
+        d = AllToAllIdentity.apply(torch.einsum("sec,sm->ecm", dispatch.type_as(x), x))
+        y = torch.cat([e(c) for e, c in zip(self.experts, d.chunk(len(self.experts), dim=0))], dim=0)
+        y = AllToAllIdentity.apply(y)
+        return torch.einsum("sec,ecm->sm", combine.type_as(x), y).reshape(shape), l_aux
+
+
+class AuxNet(nn.Module):
+    """Net for MoE layers that return (output, aux loss): the aux loss is added to the output."""
+
+    def __init__(self, moe, hidden):
+        super().__init__()
+        self.inp, self.moe, self.out = nn.Linear(hidden, hidden), moe, nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        h = self.inp(x)
+        m, aux = self.moe(h)
+        return self.out(h + m) + aux
