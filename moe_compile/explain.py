@@ -36,6 +36,48 @@ class Report:
         return "\n".join(lines)
 
 
+def _is_mlp(m: torch.nn.Module) -> bool:
+    lins = [c for c in m.modules() if isinstance(c, torch.nn.Linear)]
+    return 2 <= len(lins) <= 3 or any(p.dim() == 2 for p in m.parameters(recurse=False))
+
+
+def moe_like_blocks(model: torch.nn.Module) -> dict[str, str]:
+    """{module path: what it holds} for every module that looks like an MoE block from its structure alone: a list
+    or dict of two or more alike expert MLPs, or stacked ``[E, ., .]`` weights, together with the router (a Linear
+    with E outputs) when one sits beside them. Used so that explain lists every such block, also one that no graph
+    holds whole (split by a graph break, or never traced)."""
+    out = {}
+    named = dict(model.named_modules())
+    for path, m in named.items():
+        E = None
+        if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            kids = list(m.children())
+            if len(kids) >= 2 and len({type(k) for k in kids}) == 1 and all(_is_mlp(k) for k in kids):
+                E, what = len(kids), f"{len(kids)} experts ({type(kids[0]).__name__})"
+        else:
+            shapes = [p.shape for p in m.parameters(recurse=False) if p.dim() == 3]
+            if len(shapes) >= 2 and len({s[0] for s in shapes}) == 1 and shapes[0][0] >= 2:
+                E, what = shapes[0][0], f"stacked weights of {shapes[0][0]} experts"
+        if E is None:
+            continue
+        # the block: the closest ancestor holding a router (a Linear with E outputs outside the experts)
+        routers = [n for n, c in named.items() if isinstance(c, torch.nn.Linear) and c.out_features == E
+                   and not (n == path or n.startswith(path + "."))]
+        parts, block = path.split("."), path
+        for i in range(len(parts) - 1, -1, -1):
+            anc = ".".join(parts[:i])
+            if any(not anc or r.startswith(anc + ".") for r in routers):
+                block = anc
+                break
+        out.setdefault(block or "<top>", what)
+    return out
+
+
+def _covered(path: str, regions) -> bool:
+    return any(r.module_path == path or r.module_path.startswith(path + ".") or path.startswith(r.module_path + ".")
+               for r in regions)
+
+
 def explain(model, *args, **kwargs) -> Report:
     """Trace ``model(*args, **kwargs)`` as ``torch.compile(model, backend="moe")`` would, without compiling or
     running the fused ops, and report every MoE region: fused or not, and why. It resets Dynamo's caches (a model
@@ -59,6 +101,13 @@ def explain(model, *args, **kwargs) -> Report:
     with moe_scope():
         torch.compile(model, backend=collect)(*args, **kwargs)
     torch._dynamo.reset()
+    for path, what in moe_like_blocks(model).items():
+        if not _covered(path, report.regions):
+            why = ("no traced graph holds it whole: " + report.break_reasons[0].splitlines()[0]
+                   if report.break_reasons else "Dynamo traced no graph that holds it")
+            report.regions.append(Region(path, f"MoE-like block ({what})", False,
+                                         f"{why}; capture its experts whole with @moe_compile.experts on a module "
+                                         "with forward(hidden, topk_idx, topk_weights), or remove the graph break"))
     from .parallel import parallel_report
 
     report.parallel = parallel_report(model)
