@@ -55,9 +55,10 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _path(x: Tensor):
-    """The Triton kernels for CUDA tensors (fp32/bf16/fp16) when triton imports, else the ATen path."""
-    if x.is_cuda:
+def _path(x: Tensor, s: MoESpec | None = None):
+    """The Triton kernels for CUDA tensors (fp32/bf16/fp16) when triton imports, else the ATen path (always for
+    ``score_on_input``, which only the ATen path implements)."""
+    if x.is_cuda and not (s is not None and s.score_on_input):
         from .codegen import triton_moe
 
         if triton_moe.is_available(x):
@@ -66,7 +67,7 @@ def _path(x: Tensor):
 
 
 def _backend_forward(s, x, idx, w, wts):
-    return _path(x).experts_forward(s, x, idx, w, wts)
+    return _path(x, s).experts_forward(s, x, idx, w, wts)
 
 
 @experts_op.register_fake
@@ -96,7 +97,7 @@ def experts_backward_op(
     s = MoESpec.from_json(spec)
     wts = _weights(s, gate, up, down, b_gate, b_up, b_down)
     n_valid = int((topk_idx < s.num_experts).sum())
-    dx, dw, dwts = _path(x).experts_backward(s, grad_out, x, topk_idx, topk_weights, wts, h[:n_valid], y[:n_valid])
+    dx, dw, dwts = _path(x, s).experts_backward(s, grad_out, x, topk_idx, topk_weights, wts, h[:n_valid], y[:n_valid])
     return (dx, dw, *cpu.weight_grads(s, dwts, gate, up, down, b_gate, b_up, b_down))
 
 

@@ -60,6 +60,8 @@ class MoESpec:
     shared_experts: bool = False
     dispatch: str = "topk"  # "topk": ids + weights [T, k]; "slots": GShard dispatch/combine tensors [T, E, capacity]
     expert_body: str = "mlp"  # "mlp": fused GEMMs; "user": the user's expert modules run inside dispatch+combine
+    score_on_input: bool = False  # expert e sees w * x and its output is summed unweighted (torchtitan's
+    # score-before-experts, Llama-4); otherwise w scales the expert's output. ATen path only (ops routes there)
     pattern: str = ""  # which detector matched, for explain
 
     def __post_init__(self):

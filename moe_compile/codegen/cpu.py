@@ -422,10 +422,13 @@ def experts_forward(spec: MoESpec, x, idx, w, wts: Weights, *, save_y: bool = Fa
     dt = x.dtype
     plan = make_plan(idx.long(), spec.num_experts)
     xs = x.index_select(0, plan.tokens)
+    ws = w.reshape(-1)[plan.order].to(dt)
+    if spec.score_on_input:  # the expert runs on w * x; its output is summed as it is
+        xs = xs * ws[:, None]
+        ws = torch.ones_like(ws)
     h = grouped_mm(xs, wts.w1.to(dt), plan.offs, plan.offs_list)
     if wts.b1 is not None:
         h += wts.b1.to(dt).index_select(0, plan.experts)
-    ws = w.reshape(-1)[plan.order].to(dt)
     act_forward, _ = _kernels(spec, h)
     w2 = wts.w2.to(dt)
     aw = _scratch("aw", (h.shape[0], spec.ffn), dt, x.device)
@@ -452,10 +455,15 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     bias) but its gradient is wanted: db2 is computed, the routing weights' gradient has no bias term."""
     plan = make_plan(idx.long(), spec.num_experts)
     dt = x.dtype
-    if xs is None:
-        xs = x.index_select(0, plan.tokens)
     out_in = spec.weight_layout == "out_in"
     ws = w.reshape(-1)[plan.order].to(dt)
+    if xs is None:
+        xs = x.index_select(0, plan.tokens)
+        if spec.score_on_input:
+            xs = xs * ws[:, None]
+    w_in = None
+    if spec.score_on_input:  # xs is w * x; the expert's output was not weighted
+        w_in, ws = ws, torch.ones_like(ws)
     w2 = wts.w2.to(dt)
     gy = _scratch("gy", (len(plan.tokens), x.shape[1]), dt, x.device)
     torch.index_select(grad_out.to(dt), 0, plan.tokens, out=gy)  # d y, y = (act(h) * w) @ W2 (+ w * b2)
@@ -469,7 +477,7 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     db2 = None
     if wts.b2 is not None:
         b2 = wts.b2.to(dt).index_select(0, plan.experts)
-        if forward_b2 is not False:
+        if forward_b2 is not False and w_in is None:
             dws += (gy * b2).sum(1, dtype=dws.dtype)
         db2 = torch.zeros(wts.b2.shape, dtype=dt, device=x.device).index_add_(0, plan.experts, gy * ws[:, None])
     dw2 = _wgrad(aw, gy, plan, out_in)
@@ -478,6 +486,9 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     if wts.b1 is not None:
         db1 = torch.zeros(wts.b1.shape, dtype=dt, device=x.device).index_add_(0, plan.experts, dh)
     dxs = grouped_mm(dh, wts.w1.to(dt).transpose(-1, -2), plan.offs, plan.offs_list)
+    if w_in is not None:  # d(w * x): to w through <dxs, x>, to x scaled by w
+        dws = (dxs * x.index_select(0, plan.tokens)).sum(1, dtype=dws.dtype)
+        dxs = dxs * w_in[:, None]
     dx = torch.zeros_like(x).index_add_(0, plan.tokens, dxs)
     del dxs
     dw1 = _wgrad(xs, dh, plan, out_in)
@@ -494,11 +505,12 @@ def reference_experts(spec: MoESpec, x, idx, w, wts: Weights) -> torch.Tensor:
             e = int(idx[t, j])
             if e == spec.num_experts:
                 continue
-            h = x[t] @ wts.w1[e]
+            xt, wt = (x[t] * w[t, j], 1) if spec.score_on_input else (x[t], w[t, j])
+            h = xt @ wts.w1[e]
             if wts.b1 is not None:
                 h = h + wts.b1[e]
             y = activation(spec, h) @ wts.w2[e]
             if wts.b2 is not None:
                 y = y + wts.b2[e]
-            out[t] += y * w[t, j]
+            out[t] += y * wt
     return out

@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from .detect import SLOTS, _stacked_candidates, layer_candidates, prove, with_top_k
+from .detect import SLOTS, _Candidate, _stacked_candidates, layer_candidates, prove, with_top_k
 from .rewrite import EXPERTS, Region, _experts_ops, _ancestors, _clean_path, _is, describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
@@ -79,25 +79,64 @@ def _value(node):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
-def _region(gm: fx.GraphModule, parent: str, list_path: str):
-    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in _paths(n)]
+def _router(nodes: list[fx.Node], list_path: str | None) -> set[fx.Node]:
+    """The top-k, what it depends on, and what is computed from the top-k values alone (renormalisation, scaling,
+    or ``scores.gather(1, idx)`` when a selection-only bias picked the experts)."""
     topks = [n for n in nodes if _is(n, "topk")]
     router: set[fx.Node] = set()
     from_topk: set[fx.Node] = set()
     for t in topks:
         router |= set(_ancestors(t)) | {t} | set(t.users)
         from_topk |= {t} | set(t.users)
-    # what the top-k values alone feed (renormalisation, scaling) is router too
     for n in nodes:
         if n in router or (list_path and list_path in " ".join(_paths(n))):
             continue
         ins = n.all_input_nodes
         if _is(n, "unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "index_select"):
             continue  # reshaping the routing weights for the combine belongs to the experts' region
+        kinds = [_value(a).is_floating_point() for a in ins if isinstance(_value(a), torch.Tensor)]
+        out = _value(n)
+        # integer inputs (expert ids) only together with a float one, and a float result: gather(scores, 1, idx)
         if (ins and all(a in router for a in ins) and any(a in from_topk for a in ins)
-                and not any(isinstance(_value(a), torch.Tensor) and not _value(a).is_floating_point() for a in ins)):
+                and (all(kinds) or (any(kinds) and isinstance(out, torch.Tensor) and out.is_floating_point()))):
             router.add(n)
             from_topk.add(n)
+    return router, from_topk
+
+
+def _depends(region: list[fx.Node], seeds: set[fx.Node]) -> set[fx.Node]:
+    """The region's nodes computed from ``seeds`` (expert ids, routing weights, expert parameters)."""
+    dep, size, inside = set(), -1, set(region)
+    while len(dep) != size:  # until the in-place writes have marked what they write into
+        size = len(dep)
+        for n in region:
+            if any(a in seeds or a in dep for a in n.all_input_nodes):
+                dep.add(n)
+                if _in_place(n) and isinstance(n.args[0], fx.Node) and n.args[0] in inside:
+                    dep.add(n.args[0])
+    return dep
+
+
+def _in_place(n: fx.Node) -> bool:
+    """``out.index_add_(...)``, ``out[i] = y`` and the like: they write into their first argument."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.startswith("_")
+    return n.op == "call_function" and n.target is operator.setitem
+
+
+def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
+    """Drop what neither depends on the seeds nor feeds what does (a shared expert beside the routed ones)."""
+    dep = _depends(region, seeds)
+    keep = set(dep)
+    for n in reversed(region):
+        if n in keep:
+            keep |= set(n.all_input_nodes)
+    return [n for n in region if n in keep]
+
+
+def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node]):
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in _paths(n)]
+    router, from_topk = _router(nodes, list_path)
     region = [n for n in nodes if n not in router]
     inside = set(region)
     # size arithmetic on tensors from outside (x.shape for a final reshape) is not the experts' work
@@ -105,26 +144,148 @@ def _region(gm: fx.GraphModule, parent: str, list_path: str):
         if not isinstance(_value(n), torch.Tensor) and not any(a in inside for a in n.all_input_nodes):
             inside.discard(n)
     region = [n for n in region if n in inside]
-    # trailing shape ops stay outside: the fused op returns [T, H]
+    seeds = from_topk | params  # expert ids and routing weights, and the experts' weights
+    if not from_topk:  # an experts module's own scope: ids and weights come from outside, like the hidden states
+        seeds |= {a for n in region for a in n.all_input_nodes if a not in inside}
+    region = _prune(region, seeds)
+    # trailing shape ops stay outside (the fused op returns [T, H]); so does ``+ shared_expert(x)``
     while region:
-        last = [n for n in region if any(u not in inside for u in n.users)]
-        if len(last) == 1 and _is(last[0], *_SHAPE_OPS) and last[0].all_input_nodes[0] in inside:
-            inside.discard(last[0])
-            region.remove(last[0])
+        inside = set(region)
+        dep = _depends(region, seeds)
+        last = [n for n in region if n in dep and any(u not in inside for u in n.users)]
+        if len(last) != 1:
+            break
+        n = last[0]
+        if _is(n, *_SHAPE_OPS) and n.all_input_nodes[0] in inside:
+            region.remove(n)
+        elif _is(n, "add", "__add__") and len(n.all_input_nodes) == 2 and sum(a in dep for a in n.all_input_nodes) == 1:
+            region = _prune([m for m in region if m is not n], seeds)
         else:
             break
     return region
 
 
-def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node) -> fx.GraphModule:
+_CHECKS = ("_assert_scalar", "_check", "_check_is_size", "sym_constrain_range", "sym_constrain_range_for_size",
+           "_assert_async")
+
+
+def _checks(region: list[fx.Node]) -> set[fx.Node]:
+    """Dynamo's runtime assertions on traced sizes and the size arithmetic that only they use: not the experts'
+    work (erased with the region, left out of the reference, which runs at other sizes)."""
+    checks = {n for n in region if _is(n, *_CHECKS)}
+    for n in reversed(region):
+        if n not in checks and n.users and not isinstance(_value(n), torch.Tensor) and all(u in checks for u in n.users):
+            checks.add(n)
+    return checks
+
+
+def _grouped_mm_any(a, b, offs=None, bias=None, out_dtype=None):
+    """``torch._grouped_mm`` for the reference: float64 (which it refuses) runs as one matmul per group."""
+    if a.dtype != torch.float64 or offs is None or bias is not None or a.dim() != 2 or b.dim() != 3:
+        return torch._grouped_mm(a, b, offs=offs, bias=bias, out_dtype=out_dtype)
+    ends = offs.tolist()
+    parts = [a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))]
+    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[-1])
+
+
+def _identity_cast(n: fx.Node, work: torch.dtype) -> bool:
+    """A float cast that is exact (to the same or a wider float type) or back to the block's working dtype
+    ``work`` (rounding the fused op does in that dtype too): an identity in the float64 reference."""
+    if not _is(n, "to", "float", "type", "type_as", "half", "bfloat16", "double"):
+        return False
+    src, out = _value(n.args[0]) if n.args else None, _value(n)
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.device == out.device
+            and src.is_floating_point() and out.is_floating_point()):
+        return False
+    a, b = torch.finfo(src.dtype), torch.finfo(out.dtype)
+    return out.dtype in (src.dtype, work) or (b.bits >= a.bits and b.eps <= a.eps and b.max >= a.max)
+
+
+def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, sizes=None) -> fx.GraphModule:
+    """The region as a graph over ``inputs``; ``sizes`` maps external size nodes to ``(input position, dim,
+    factor)``: ``inputs[pos].size(dim) * factor`` at run time."""
     g = fx.Graph()
     env = {n: g.placeholder(f"in{i}") for i, n in enumerate(inputs)}
+    for node, (pos, dim, factor) in (sizes or {}).items():
+        env[node] = g.call_method("size", (env[inputs[pos]], dim))
+        if factor != 1:
+            env[node] = g.call_function(operator.mul, (env[node], factor))
+    checks = _checks(region)
     for n in region:
-        if n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default:
-            continue  # shape bounds of the traced sizes; the probes use other sizes
-        env[n] = g.node_copy(n, lambda a: env[a])
+        if n in checks:
+            continue
+        if _identity_cast(n, _value(inputs[0]).dtype):
+            env[n] = env[n.args[0]]
+        elif n.op == "call_function" and n.target is torch._grouped_mm:
+            env[n] = g.call_function(_grouped_mm_any, tuple(fx.map_arg(n.args, lambda a: env[a])),
+                                     dict(fx.map_arg(n.kwargs, lambda a: env[a])))
+        else:
+            env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[output])
     return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _size_inputs(ext: list[fx.Node], x: fx.Node, idx: fx.Node):
+    """External sizes the region uses, as sizes of its inputs: ``{node: (0, 0, 1)}`` for tokens ``T``,
+    ``(0, 0, k)`` for ``T * k``; None if one is anything else."""
+    T, k = _value(x).shape[0], int(_value(idx).shape[-1])
+    out = {}
+    for a in ext:
+        v = _value(a)
+        expr = getattr(getattr(v, "node", None), "expr", None)
+        t_expr = getattr(getattr(T, "node", None), "expr", None)
+        if expr is None or t_expr is None:
+            return None
+        if expr == t_expr:
+            out[a] = (0, 0, 1)
+        elif expr == t_expr * k:
+            out[a] = (0, 0, k)
+        else:
+            return None
+    return out
+
+
+def _probes(E: int, k: int, H: int, tokens: list[int], device):
+    """Float64 ``(x, idx, w)`` at the traced token counts (the region may hold them as constants): tokens of very
+    different scales, k distinct experts each, the last expert left without tokens when E > k."""
+    out = []
+    for seed, T in enumerate(tokens):
+        g = torch.Generator().manual_seed(seed)
+        scale = torch.exp(torch.empty(T, 1, dtype=torch.float64).uniform_(-2.5, 2.5, generator=g))
+        x = torch.randn(T, H, generator=g, dtype=torch.float64) * scale
+        pool = E - 1 if E > k else E
+        idx = torch.rand(T, pool, generator=g).argsort(-1)[:, :k].contiguous()
+        w = torch.rand(T, k, generator=g, dtype=torch.float64) + 0.1
+        out.append((x.to(device), idx.to(device), w.to(device)))
+    return out
+
+
+def _token_counts(x: fx.Node) -> list[int]:
+    T = _value(x).shape[0]
+    if isinstance(T, int):
+        return [T, T]
+    hint = T.node.hint if getattr(T.node, "hint", None) is not None else 8
+    return [int(hint), int(hint) + 3]
+
+
+def _with_score_on_input(cands):
+    """Each reading again with the routing weight scaling the expert's input instead of its output (the same
+    function only for a linear expert; the proof picks whichever the code computes)."""
+    return list(cands) + [_Candidate(dict(c.spec_kw, score_on_input=True), c.slots) for c in cands]
+
+
+def _scope(gm: fx.GraphModule, path: str) -> str:
+    """The innermost module at or above ``path`` whose nodes hold a top-k router (torchtitan keeps the router and
+    the experts in sibling modules of the MoE block)."""
+    topk_paths = [set(_paths(n)) for n in gm.graph.nodes if _is(n, "topk")]
+    p = path
+    while p:
+        if any(p in ps for ps in topk_paths):
+            return p
+        if "." not in p:
+            break
+        p = p.rsplit(".", 1)[0]
+    return path
 
 
 def _list_group(experts):
@@ -166,75 +327,113 @@ def _groups(gm: fx.GraphModule):
         yield owner, None, "inline stacked [E, ., .] expert weights gathered per token", ps, cands, why
 
 
+def _insert_point(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.Node:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return max(nodes, key=order.__getitem__)
+
+
 def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> list[Region]:
-    """``skip``: module paths other passes already matched."""
+    """``skip``: module paths other passes already matched. Each group of expert weights is tried in the module
+    that owns it (an experts module called with (hidden, ids, weights)), then, if that fails, in the innermost
+    module above it that holds the router (torchtitan: router and experts are siblings in the MoE block)."""
     regions = []
-    for parent, list_path, pattern, names, cands, why in _groups(gm):
-        if _clean_path(parent) in skip:
+    for owner, list_path, pattern, names, cands, why in _groups(gm):
+        scopes = list(dict.fromkeys([owner, _scope(gm, owner)]))
+        if any(_clean_path(p) in skip for p in scopes):
             continue
-        region = _region(gm, parent, list_path)
-        if not region or any(n.op == "call_function" and n.target in _experts_ops() for n in region):
-            continue  # nothing there, or experts already captured as one node
-        inside = set(region)
-        outputs = [n for n in region if any(u not in inside for u in n.users)]
         params = set(names.values())
-        ext = []
-        for n in region:
-            for a in n.all_input_nodes:
-                if a not in inside and a not in params and a not in ext:
-                    ext.append(a)
-        where = _clean_path(parent)
-
-        def reject(reason):
-            regions.append(Region(where, pattern, False, reason))
-
-        tensors = [a for a in ext if isinstance(_value(a), torch.Tensor)]
-        if len(outputs) != 1 or len(tensors) != 3 or len(ext) != 3:
-            reject(f"the region's inputs and outputs are not (hidden, expert ids, routing weights) -> hidden: "
-                   f"{len(ext)} inputs, {len(outputs)} outputs")
+        found = None
+        for parent in scopes:
+            region = _region(gm, parent, list_path, params)
+            if not region or any(n.op == "call_function" and n.target in _experts_ops() for n in region):
+                continue  # nothing there, or experts already captured as one node
+            spec, why_not = _fuse_region(gm, region, names, cands, why, pattern, rewrite)
+            found = (_clean_path(parent), spec, why_not)
+            if spec is not None:
+                break
+        if found is None:
             continue
-        ints = [a for a in tensors if not _value(a).is_floating_point()]
-        floats = [a for a in tensors if _value(a).is_floating_point()]
-        if len(ints) != 1 or len(floats) != 2:
-            reject("expected one integer input (expert ids) and two float inputs (hidden, routing weights)")
+        where, spec, why_not = found
+        if spec is None:
+            regions.append(Region(where, pattern, False, why_not))
             continue
-        idx = ints[0]
-        w = next((a for a in floats if _value(a).dim() == 2 and _value(a).shape == _value(idx).shape), None)
-        x = next((a for a in floats if a is not w), None)
-        out = outputs[0]
-        if w is None or x is None or _value(x).dim() != 2 or tuple(_value(out).shape) != tuple(_value(x).shape):
-            reject("the region does not map hidden [T, H] with routing [T, k] to [T, H]")
-            continue
-        if not cands:
-            reject(why)
-            continue
-        live = {n: p.meta["grapharg"].example for n, p in names.items()}
-        sub = _extract(region, [x, idx, w, *names.values()], out)
-        order = list(names)
-
-        def reference(params64, xx, ii, ww, sub=sub, order=order):
-            return sub(xx, ii, ww, *[params64[n] for n in order])
-
-        k = int(_value(idx).shape[-1])
-        match = prove(cands, live, reference, k, pattern)
-        if not match.ok:
-            reject(match.reason)
-            continue
-        router, _ = describe_router(x, idx, w)
-        spec = with_top_k(match.spec, match.spec.top_k, router)
-        if rewrite:
-            last = region[-1]
-            with gm.graph.inserting_after(last):
-                fused = gm.graph.call_function(
-                    EXPERTS, (x, idx, w, *[[names[n] for n in match.slots[s]] for s in SLOTS], spec.to_json()))
-            with gm.graph.inserting_after(fused):
-                res = gm.graph.call_function(operator.getitem, (fused, 0))
-            res.meta.update(out.meta)
-            fused.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
-            for u in list(out.users):
-                if u not in inside:
-                    u.replace_input_with(out, res)
-            for n in reversed(region):
-                gm.graph.erase_node(n)
-        regions.append(Region(where, f"{pattern}, {spec.activation}, router {router.score}", True, "", spec))
+        extra = ", score on the expert input" if spec.score_on_input else ""
+        regions.append(Region(where, f"{pattern}, {spec.activation}, router {spec.router.score}{extra}", True, "",
+                              spec))
     return regions
+
+
+def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
+    """Prove ``region`` and replace it by the fused op: ``(spec, "")``, or ``(None, reason)`` leaving it as is."""
+    inside = set(region)
+    checks = _checks(region)
+    params = set(names.values())
+    ext = []
+    for n in region:
+        if n in checks:
+            continue
+        for a in n.all_input_nodes:
+            if a not in inside and a not in params and a not in ext:
+                ext.append(a)
+    tensors = [a for a in ext if isinstance(_value(a), torch.Tensor)]
+    ints = [a for a in tensors if not _value(a).is_floating_point()]
+    floats = [a for a in tensors if _value(a).is_floating_point()]
+    if len(tensors) != 3 or len(ints) != 1 or len(floats) != 2:
+        return None, (f"the region's inputs are not (hidden, expert ids, routing weights): {len(ints)} integer and "
+                      f"{len(floats)} float tensor inputs")
+    idx = ints[0]
+    w = next((a for a in floats if _value(a).dim() == 2 and _value(a).shape == _value(idx).shape), None)
+    x = next((a for a in floats if a is not w), None)
+    dep = _depends(region, params | {idx, w})
+    outputs = [n for n in region if n in dep and n not in checks and any(u not in inside for u in n.users)]
+    if len(outputs) != 1:
+        return None, f"the region has {len(outputs)} outputs, not one hidden [T, H]"
+    out = outputs[0]
+    if w is None or x is None or _value(x).dim() != 2 or tuple(_value(out).shape) != tuple(_value(x).shape):
+        return None, "the region does not map hidden [T, H] with routing [T, k] to [T, H]"
+    sizes = _size_inputs([a for a in ext if a not in tensors], x, idx)
+    if sizes is None:
+        return None, "the region uses sizes other than the number of tokens (and tokens * k)"
+    if not cands:
+        return None, why
+    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    sub = _extract(region, [x, idx, w, *names.values()], out, sizes)
+    order = list(names)
+
+    def reference(params64, xx, ii, ww):
+        return sub(xx, ii, ww, *[params64[n] for n in order])
+
+    k, E = int(_value(idx).shape[-1]), cands[0].spec_kw["num_experts"]
+    device = next(iter(live.values())).device
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        probes = {H: _probes(E, k, H, _token_counts(x), device) for H in {c.spec_kw["hidden"] for c in cands}}
+    H = int(_value(x).shape[-1])
+    if H not in probes:
+        return None, "no reading of the expert weights has the hidden size of the region's input"
+    match = prove(_with_score_on_input(cands), live, reference, k, pattern, probes=probes[H])
+    if not match.ok:
+        return None, match.reason
+    router, _ = describe_router(x, idx, w)
+    spec = with_top_k(match.spec, k, router)
+    if rewrite:
+        _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
+    return spec, ""
+
+
+def _replace_region(gm, region, out, x, idx, w, names, slots, spec):
+    inside = set(region)
+    with gm.graph.inserting_after(_insert_point(gm, [out, x, idx, w])):
+        fused = gm.graph.call_function(
+            EXPERTS, (x, idx, w, *[[names[n] for n in slots[s]] for s in SLOTS], spec.to_json()))
+    with gm.graph.inserting_after(fused):
+        res = gm.graph.call_function(operator.getitem, (fused, 0))
+    res.meta.update(out.meta)
+    fused.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
+    for u in list(out.users):
+        if u not in inside:
+            u.replace_input_with(out, res)
+    for n in reversed(region):
+        if not n.users:
+            gm.graph.erase_node(n)
