@@ -112,7 +112,7 @@ def captured_call(module: torch.nn.Module, x: Tensor, idx: Tensor, w: Tensor) ->
     return experts_call(x, idx, w, [p for _, p in module.named_parameters()], module_key(module))
 
 
-def _bind(forward, module, args, kwargs):
+def bind_experts_args(forward, module, args, kwargs) -> list:
     """(hidden, topk_idx, topk_weights) from a call's arguments, bound by ``forward``'s own signature (so
     ``m(x, topk_weights=w, topk_idx=idx)`` means what it means in eager mode): its first three parameters after
     ``self``. Any other argument passed explicitly cannot travel through the captured op: a TypeError says so."""
@@ -156,7 +156,7 @@ def experts(cls):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if ENABLED and torch.compiler.is_compiling() and scope.active():
-            return captured_call(self, *_bind(original, self, args, kwargs))
+            return captured_call(self, *bind_experts_args(original, self, args, kwargs))
         return original(self, *args, **kwargs)
 
     cls.forward = forward
@@ -204,4 +204,4 @@ def install_hf_capture() -> bool:
 
 
 def _hf_captured(module, *args, **kwargs):
-    return captured_call(module, *_bind(type(module).forward, module, args, kwargs))
+    return captured_call(module, *bind_experts_args(type(module).forward, module, args, kwargs))

@@ -149,6 +149,60 @@ def test_example_inputs_find_experts_by_trace():
     assert torch.equal(model(x), before)  # the trace left the model as it was
 
 
+class _ThreeArgNotExperts(torch.nn.Module):
+    """Three forward arguments and a 3D weight, but no experts module: a learned [k, H, H] mixing of the input."""
+
+    def __init__(self, H=16, k=2):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.randn(k, H, H) * H ** -0.5)
+
+    def forward(self, x, idx, w):
+        return torch.einsum("th,khg,tk->tg", x, self.mix, w) + 0 * idx.sum()
+
+
+class _Imposter(torch.nn.Module):
+    def __init__(self, H=16):
+        super().__init__()
+        self.router = torch.nn.Linear(H, 4)
+        self.other = _ThreeArgNotExperts(H)
+
+    def forward(self, x):
+        w, idx = torch.topk(self.router(x).softmax(-1), 2)
+        return x + self.other(x, idx, w)
+
+
+def test_three_argument_module_that_is_no_experts_is_left_alone():
+    torch.manual_seed(0)
+    model = testing.ToyMoE("stacked", E=4, layers=1)
+    model.extra = _Imposter()
+    x = torch.randn(5, 16)
+    before = model.extra(model(x))
+    with pytest.warns(UserWarning, match="left alone"):
+        mp_.parallelize(model)
+    assert [n for n, p in model.named_parameters() if mp_.is_expert_param(p)] == [
+        "blocks.0.experts.gate_up", "blocks.0.experts.down"]
+    assert torch.equal(model.extra(model(x)), before)
+
+
+def _w_bind_by_name():
+    import inspect
+
+    torch.manual_seed(0)
+    model = testing.ToyMoE("stacked", E=4, layers=1)
+    ref = copy.deepcopy(model.blocks[0].experts)
+    experts = model.blocks[0].experts
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, idx, w = torch.randn(6, 16, generator=g), torch.rand(6, 4, generator=g).argsort(-1)[:, :2], torch.rand(6, 2, generator=g)
+    names = list(inspect.signature(type(ref).forward).parameters)[1:4]
+    mp_.parallelize(model, mode="expert")
+    got = experts(**{names[2]: w, names[1]: idx, names[0]: x})  # keywords, out of order
+    return testing.rel(got, ref(x, idx, w))
+
+
+def test_parallelized_experts_bind_arguments_by_name(pool2):
+    assert all(e <= 1e-6 for e in pool2.run(_w_bind_by_name))
+
+
 def test_parallelize_refuses_ddp_order():
     from torch.nn.parallel import DistributedDataParallel
 

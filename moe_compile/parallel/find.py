@@ -11,8 +11,9 @@ Found, in this order:
    ``[T, k]`` integer and a ``[T, k]`` float tensor), seen by forward pre-hooks while the model runs once on fake
    tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values).
 
-Each candidate goes through ``passes.detect.detect_experts_module``, which proves numerically (float64) what it
-computes; that is what fills the spec and the parameter slots.
+Each candidate goes through ``passes.detect.recognise_module``, the recognition the backend uses (the same proof on
+random parameters, the same cache): that is what fills the spec and the parameter slots. A module found by its shape
+alone (three forward arguments and 3D weights, say) that is not proven to be experts is left alone, with a note.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import capture
-from ..passes.detect import ExpertsMatch, detect_experts_module
+from ..passes.detect import ExpertsMatch, recognise_module
 
 
 @dataclass
@@ -172,15 +173,16 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             continue
         k = traced.get(id(m)) or _top_k(m, parent.get(id(m)))
         with _eager_hf_experts(m):
-            match = detect_experts_module(m, top_k=k)
-        taken.append(path)
+            match = recognise_module(m, top_k=k)
         if not match.ok:
             msg = f"{path or '<model>'} ({type(m).__name__}): {match.reason}"
-            if known or id(m) in traced or not _probe_failed(match):
+            if known or (id(m) in traced and not _probe_failed(match)):
                 problems.append(msg)
-            else:  # a three-argument module with 3D weights that is not an experts module at all
-                notes.append(f"{msg} (not an experts module; left alone)")
+                taken.append(path)
+            else:  # found by its shape (or call) alone and not proven to be experts: not an experts module to us
+                notes.append(f"{msg} (not recognised as an experts module; left alone)")
             continue
+        taken.append(path)
         found.append(Found(path, m, match, k))
     for path, lpath in inline:
         if not any(lpath == t or lpath.startswith(t + ".") for t in taken):

@@ -17,6 +17,7 @@ what it proves stays true however training moves the weights.
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -384,3 +385,25 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
                             pattern=pattern)
     spec = MoESpec(num_experts=E, top_k=k, hidden=H, ffn=0, expert_body="user", pattern=pattern)
     return ExpertsMatch(spec, {}, pattern=pattern)
+
+
+# --------------------------------------------------------------------------------------------- one recognition
+_MATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+"""Proofs per live module. A proof depends on the module's code and its parameters' names, shapes and dtypes, never
+on their values (it runs on random parameters), so an optimizer step cannot make a cached proof stale; the entry
+goes with the module (no id() that a later module could reuse)."""
+
+
+def recognise_module(module: torch.nn.Module, top_k: int, hidden: int | None = None) -> ExpertsMatch:
+    """The one recognition of an experts module (``forward(hidden, topk_idx, topk_weights)``), shared by the
+    backend's passes and by ``moe_compile.parallelize``: MLP experts (``hidden`` None) or, given the hidden size,
+    dispatch + combine around the user's own expert bodies. Cached per module."""
+    key = (type(module), type(module).forward, top_k, hidden,
+           tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+    cache = _MATCHES.setdefault(module, {})
+    if key not in cache:
+        if hidden is None:
+            cache[key] = detect_experts_module(module, top_k=top_k)
+        else:
+            cache[key] = detect_dispatch_combine(module, top_k=top_k, hidden=hidden)
+    return cache[key]

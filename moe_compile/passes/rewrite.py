@@ -9,7 +9,6 @@ Never runs ``eliminate_dead_code`` (it deletes in-place ``call_method`` nodes of
 from __future__ import annotations
 
 import operator
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ import torch.fx as fx
 
 from .. import capture
 from ..spec import MoESpec, RouterSpec
-from .detect import SLOTS, ExpertsMatch, detect_dispatch_combine, detect_experts_module, with_top_k
+from .detect import SLOTS, recognise_module, with_top_k
 
 EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
 EXPERTS = torch.ops.moe_compile.experts.default
@@ -100,25 +99,6 @@ def describe_router(x: fx.Node, idx: fx.Node, w: fx.Node) -> tuple[RouterSpec, i
 
 
 # --------------------------------------------------------------------------------------------- passes
-_MATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-"""Proofs per live module. A proof depends on the module's code and its parameters' names, shapes and dtypes, never
-on their values (it runs on random parameters), so an optimizer step cannot make a cached proof stale; the entry
-goes with the module (no id() that a later module could reuse)."""
-
-
-def _match_module(module, k: int, hidden: int | None = None) -> ExpertsMatch:
-    """MLP experts (``hidden`` None) or, given the hidden size, dispatch+combine around the user's experts."""
-    key = (type(module), type(module).forward, k, hidden,
-           tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
-    cache = _MATCHES.setdefault(module, {})
-    if key not in cache:
-        if hidden is None:
-            cache[key] = detect_experts_module(module, top_k=k)
-        else:
-            cache[key] = detect_dispatch_combine(module, top_k=k, hidden=hidden)
-    return cache[key]
-
-
 def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> None:
     """Replace ``node`` by ``op(*args)`` (or its output ``index``), keeping the node's metadata."""
     with gm.graph.inserting_before(node):
@@ -141,11 +121,11 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
         val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
         k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
         router, _ = describe_router(x, idx, w)
-        match = _match_module(module, k)
+        match = recognise_module(module, k)
         if not match.ok:
             xv = x.meta.get("example_value") if isinstance(x, fx.Node) else None
             hidden = int(xv.shape[-1]) if xv is not None and isinstance(xv.shape[-1], int) else None
-            around = _match_module(module, k, hidden) if hidden else match
+            around = recognise_module(module, k, hidden) if hidden else match
             if around.ok:
                 if rewrite:
                     _replace(gm, node, DISPATCH_COMBINE, (x, idx, w, params, key), index=None)
