@@ -157,7 +157,7 @@ def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Re
         if not _is(node, "topk"):
             continue
         path = module_path(node)
-        if any(p == path or p.startswith(path + ".") for p in fused_paths):
+        if any(p == path or p.startswith(path + ".") or path.startswith(p + ".") for p in fused_paths):
             continue
         todo, seen, reaches = [node], {node}, False
         while todo and not reaches:
