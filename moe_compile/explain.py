@@ -73,6 +73,30 @@ def moe_like_blocks(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def _root_path(model: torch.nn.Module, region: Region) -> str | None:
+    """The region's module path from ``model``'s root: its captured module's, or else the module above the experts'
+    parameters (the parent of their list, or their owner); None when neither is known."""
+    m = region.module() if region.module is not None else None
+    if m is not None:
+        found = [p for p, mod in model.named_modules() if mod is m]
+        return (found[0] or "<top>") if found else None
+    ids = {id(ref()) for ref in region.weights if ref() is not None}
+    names = [n for n, p in model.named_parameters() if id(p) in ids]
+    if not names:
+        return None
+    owners = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+    common = owners[0].split(".")
+    for o in owners[1:]:
+        parts = o.split(".")
+        i = 0
+        while i < min(len(common), len(parts)) and common[i] == parts[i]:
+            i += 1
+        common = common[:i]
+    while common and isinstance(model.get_submodule(".".join(common)), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        common = common[:-1]  # a list of experts: the block is the module that holds it
+    return ".".join(common) or "<top>"
+
+
 def _covered(path: str, regions) -> bool:
     return any(r.module_path == path or r.module_path.startswith(path + ".") or path.startswith(r.module_path + ".")
                for r in regions)
@@ -101,6 +125,11 @@ def explain(model, *args, **kwargs) -> Report:
     with moe_scope():
         torch.compile(model, backend=collect)(*args, **kwargs)
     torch._dynamo.reset()
+    modules = dict(model.named_modules())
+    for r in report.regions:  # a frame's paths are relative to its own module: name such blocks from the root
+        if r.module_path == "<top>" or r.module_path not in modules:
+            path = _root_path(model, r)
+            r.module_path = path if path is not None else r.module_path
     for path, what in moe_like_blocks(model).items():
         if not _covered(path, report.regions):
             why = ("no traced graph holds it whole: " + report.break_reasons[0].splitlines()[0]

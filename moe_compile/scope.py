@@ -30,6 +30,14 @@ fallbacks: list[str] = []
 """Frames that were traced with torch's default settings after failing under :data:`SETTINGS` (code name: error)."""
 
 _state = threading.local()
+_ON_MOE_FRAME: list = []
+
+
+def on_moe_frame(fn) -> None:
+    """Call ``fn()`` as each outermost moe scope starts (before Dynamo traces the frame): capture uses it to patch
+    the classes it captures by name only in processes that compile with ``backend="moe"``."""
+    if fn not in _ON_MOE_FRAME:
+        _ON_MOE_FRAME.append(fn)
 
 
 def _depth() -> int:
@@ -42,6 +50,8 @@ def moe_scope(settings: bool = True):
     the values they had outside every moe scope, torch's defaults unless the user set them)."""
     if _depth() == 0:
         _state.outside = {k: getattr(torch._dynamo.config, k) for k in SETTINGS}
+        for fn in _ON_MOE_FRAME:
+            fn()
     values = SETTINGS if settings else _state.outside
     _state.depth = _depth() + 1
     try:

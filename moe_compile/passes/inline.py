@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from .detect import SLOTS, _Candidate, _stacked_candidates, layer_candidates, prove, with_top_k
-from .rewrite import EXPERTS, Region, _experts_ops, _ancestors, _clean_path, _is, describe_router
+from .rewrite import EXPERTS, Region, _ancestors, _clean_path, _experts_ops, _is, describe_router, weight_refs
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
 _PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
@@ -354,12 +354,13 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
         if found is None:
             continue
         where, spec, why_not = found
+        refs = weight_refs(names.values())
         if spec is None:
-            regions.append(Region(where, pattern, False, why_not))
+            regions.append(Region(where, pattern, False, why_not, weights=refs))
             continue
         extra = ", score on the expert input" if spec.score_on_input else ""
         regions.append(Region(where, f"{pattern}, {spec.activation}, router {spec.router.score}{extra}", True, "",
-                              spec))
+                              spec, weights=refs))
     return regions
 
 

@@ -9,7 +9,8 @@ Never runs ``eliminate_dead_code`` (it deletes in-place ``call_method`` nodes of
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -25,11 +26,23 @@ DISPATCH_COMBINE = torch.ops.moe_compile.dispatch_combine.default
 
 @dataclass
 class Region:
-    module_path: str
+    module_path: str  # relative to the module Dynamo traced (a frame's ``self``)
     pattern: str
     fused: bool
     reason: str = ""
     spec: MoESpec | None = None
+    module: "weakref.ref | None" = field(default=None, repr=False, compare=False)  # the captured module, if one
+    weights: tuple = field(default=(), repr=False, compare=False)  # weakrefs to the experts' live parameters
+
+
+def weight_refs(placeholders) -> tuple:
+    """Weak references to the live parameters behind Dynamo's parameter placeholders (for ``Region.weights``)."""
+    out = []
+    for p in placeholders:
+        ex = getattr(p.meta.get("grapharg"), "example", None) if isinstance(p, fx.Node) else None
+        if isinstance(ex, torch.nn.Parameter):
+            out.append(weakref.ref(ex))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -130,23 +143,28 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
                 if rewrite:
                     _replace(gm, node, DISPATCH_COMBINE, (x, idx, w, params, key), index=None)
                 regions.append(Region(path, around.pattern, True, f"expert bodies run as your code: {match.reason}",
-                                      with_top_k(around.spec, k, router)))
+                                      with_top_k(around.spec, k, router), weakref.ref(module)))
             else:
-                regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason))
+                regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason,
+                                      module=weakref.ref(module)))
             continue
         spec = with_top_k(match.spec, k, router)
         by_name = dict(zip([n for n, _ in module.named_parameters()], params))
         lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
         if rewrite:
             _replace(gm, node, EXPERTS, (x, idx, w, *lists, spec.to_json()), index=0)
-        regions.append(Region(path, f"{match.pattern}, {spec.activation}, router {router.score}", True, "", spec))
+        regions.append(Region(path, f"{match.pattern}, {spec.activation}, router {router.score}", True, "", spec,
+                              weakref.ref(module)))
     return regions
 
 
 def _experts_ops() -> tuple:
     parallel = getattr(torch.ops.moe_compile, "parallel_experts", None)  # registered by moe_compile.parallel
     slots = torch.ops.moe_compile.experts_slots.default
-    return (EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE, slots) + ((parallel.default,) if parallel is not None else ())
+    from .blocks import BLOCK_CALL, fused_block  # captured non-experts-module blocks (moe_compile.capture_blocks)
+
+    return (EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE, slots, BLOCK_CALL, fused_block) + (
+        (parallel.default,) if parallel is not None else ())
 
 
 def report_unfused_topk(gm: fx.GraphModule, fused: list[Region] = ()) -> list[Region]:
@@ -187,7 +205,12 @@ def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
     from .gshard import fuse_slot_experts
     from .inline import fuse_inline_experts
 
-    regions = fuse_experts_calls(gm, rewrite)
+    from .blocks import fuse_block_calls
+    from .normalise import inline_identity_functions
+
+    inline_identity_functions(gm)  # value- and gradient-preserving, so also when only reporting
+    regions = fuse_block_calls(gm, rewrite)
+    regions += fuse_experts_calls(gm, rewrite)
     regions += fuse_slot_experts(gm, rewrite)
     regions += fuse_inline_experts(gm, rewrite, skip=[r.module_path for r in regions])
     regions += report_unfused_topk(gm, regions)

@@ -1,0 +1,134 @@
+"""Capturing MoE blocks that are not HF experts modules: one graph node per call, fused where proven.
+
+Some HF transformers families keep their MoE outside ``@use_experts_implementation``: switch_transformers and
+nllb_moe loop over ``expert_hit`` (a ``nonzero`` result) and over module names, dbrx loops over ``expert_hit`` with
+expert weights flattened to ``[E*F, H]``; Dynamo breaks the graph in those loops, so no block is whole in any graph.
+JetMoE's MoE block (its own parallel-experts modules, router inside) traces whole but is left inline.
+
+Which classes are captured is decided by name (as HF's decorator does); WHAT they compute never is. While Dynamo
+traces a frame for the ``moe`` backend (``scope.active()``), a call of such a module becomes
+``moe_compile::block_call(x, a, b, params, key)``, whose implementation runs the module's own forward (eager
+numerics; its backward is ``torch.func.vjp`` of that code). :func:`fuse_block_calls` then replaces a node by the
+fused op only when a float64 proof on random parameters of the same shapes (``detect.prove``) shows that the fused
+form equals the module's code, for the reading of the call's arguments the class's kind names:
+
+- ``mask``: ``forward(x [T, H], mask [T, j, E], w [T, j])``: ``out[t] = sum_{j, e: mask[t, j, e] != 0} w[t, j] *
+  expert_e(x[t])`` is the top-k form with ``k = j * E`` (entry ``(j, e)`` is expert e when the mask is set, else
+  dropped). Exact for every mask (several experts per token, none), at the cost of ``j * E`` slots per token.
+- ``index``: ``forward(x, idx [T, k], w [T, k])`` (expert ids, ``E`` = dropped): the usual top-k form; the weights
+  may be stored flattened (``[E*F, H]``): their ``[E, F, H]`` views and the transposes are the candidates.
+- ``block``: ``forward(x [B, S, H])`` with its router inside: a linear router, top-k, softmax over the k logits,
+  stacked experts, an optional output bias; router and experts are proven together.
+
+A module is not captured (it runs, and breaks the graph, as before) when the call does not have the shape its kind
+expects, or when it is stochastic (training with dropout p > 0 inside): the captured backward recomputes the
+forward, which would draw a different mask. Such modules are reported by explain with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from . import capture, scope
+
+BLOCKS = {
+    "transformers.models.switch_transformers.modeling_switch_transformers": {"SwitchTransformersExperts": ("mask", 2)},
+    "transformers.models.nllb_moe.modeling_nllb_moe": {"NllbMoeExperts": ("index", 2)},
+    "transformers.models.dbrx.modeling_dbrx": {"DbrxExperts": ("index", 3)},
+    "transformers.models.jetmoe.modeling_jetmoe": {"JetMoeMoE": ("block", 3)},
+}
+"""module -> {class name: (kind, rank of the hidden states the call must have to be captured)}."""
+
+_SKIPPED: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+"""Captured classes a call of which was left uncaptured while tracing, with the reason (reported by explain)."""
+
+
+def _args(module, x, a, b):
+    return (x,) if getattr(type(module), "_moe_compile_block", ("",))[0] == "block" else (x, a, b)
+
+
+def _run(key, params, x, a, b):
+    module = capture.module_for(key)
+    names = [n for n, _ in module.named_parameters()]
+    out = torch.func.functional_call(module, dict(zip(names, params)), _args(module, x, a, b), strict=False)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise RuntimeError(f"moe_compile: captured {type(module).__qualname__} returned "
+                           f"{getattr(out, 'shape', type(out))}, not a tensor shaped like its input {tuple(x.shape)}")
+    return out
+
+
+block_call = capture.keyed_experts_op("block_call", _run)
+BLOCK_CALL = torch.ops.moe_compile.block_call.default
+
+
+def _stochastic(module) -> str:
+    if not module.training:
+        return ""
+    p = [m.p for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    extra = getattr(module, "moe_token_dropout", 0) or 0
+    if p or extra > 0:
+        return ("training with dropout inside the block (p > 0): its captured backward would recompute the forward "
+                "with a different random mask; call model.eval() or set the dropout to 0 to capture it")
+    return ""
+
+
+def _patch(cls, kind: str, rank: int) -> None:
+    if getattr(cls, "_moe_compile_block", None):
+        return
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if capture.ENABLED and torch.compiler.is_compiling() and scope.active():
+            call = _capturable(self, kind, rank, args, kwargs)
+            if isinstance(call, str):
+                _SKIPPED[type(self)] = call
+            else:
+                return block_call(*call, [p for _, p in self.named_parameters()], capture.module_key(self))
+        return original(self, *args, **kwargs)
+
+    cls.forward = forward
+    cls._moe_compile_block = (kind, rank)
+    cls._moe_compile_original_forward = original
+
+
+def _capturable(module, kind, rank, args, kwargs):
+    """``(x, a, b)`` for the captured op, or why this call cannot be captured."""
+    n = 1 if kind == "block" else 3
+    if kwargs or len(args) != n or not all(isinstance(t, Tensor) for t in args):
+        return f"called with arguments the capture does not carry (expects {n} positional tensors)"
+    why = _stochastic(module)
+    if why:
+        return why
+    x = args[0]
+    if x.dim() != rank or not x.is_floating_point():
+        return f"hidden states of rank {x.dim()} ({x.dtype}); the capture expects a floating [*, H] of rank {rank}"
+    if kind == "block":
+        return x, x.new_zeros((0,), dtype=torch.long), x.new_zeros((0,))
+    a, b = args[1], args[2]
+    if a.is_floating_point() or not b.is_floating_point():
+        return "expects (hidden, integer expert mask or ids, floating routing weights)"
+    return x, a, b
+
+
+def _patch_module(mod) -> None:
+    for cls_name, (kind, rank) in BLOCKS.get(mod.__name__, {}).items():
+        cls = getattr(mod, cls_name, None)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            _patch(cls, kind, rank)
+
+
+def install() -> None:
+    """Patch the listed classes whose transformers module is imported by now (idempotent per class; eager
+    behaviour is unchanged). Runs as each frame compiled for the ``moe`` backend starts (``scope.on_moe_frame``):
+    a model is built, so its modeling module imported, before it is compiled; nothing is patched in a process
+    that never compiles with ``backend="moe"``."""
+    for name in BLOCKS:
+        mod = sys.modules.get(name)
+        if mod is not None:
+            _patch_module(mod)
