@@ -247,6 +247,11 @@ def experts_slots(
     b_gate: list[Tensor], b_up: list[Tensor], b_down: list[Tensor], spec: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     s = MoESpec.from_json(spec)
+    if dispatch.shape != combine.shape or dispatch.shape[0] != x.shape[0]:
+        raise RuntimeError(
+            f"moe_compile::experts_slots: dispatch {tuple(dispatch.shape)} and combine {tuple(combine.shape)} "
+            f"[tokens, experts, capacity] and x {tuple(x.shape)} [tokens, hidden] disagree; the block was fused "
+            "because they agreed when traced. Compile with another backend to run this model's own code")
     lists = (gate, up, down, b_gate, b_up, b_down)
     ok, idx, w = slots_to_topk(dispatch, combine)
     rows = idx.numel()

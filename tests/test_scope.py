@@ -105,7 +105,12 @@ def test_deepspeed_style_gate_compiles_with_moe():
             (o0, g0), (o1, g1) = out_and_grads(model, x), out_and_grads(compiled, x)
             assert rel_err(o1, o0) <= 1e-6, backend
             assert set(g0) == set(g1) and not grads_equal(g0, g1, 1e-6), backend
+        if backend == "moe":  # fused too: the one-rank all-to-all Functions are copies, the experts one op
+            with torch.no_grad():
+                assert count_op_calls(lambda: compiled(x), "moe_compile::experts_slots") >= 1
     assert all(not getattr(torch._dynamo.config, n) for n in SETTINGS)
+    report = moe_compile.explain(model, torch.randn(2, 6, 8))
+    assert [(r.module_path, r.fused) for r in report.regions] == [("moe", True)], str(report)
 
 
 def test_decorator_binds_by_signature():
@@ -139,3 +144,55 @@ def test_decorator_binds_by_signature():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="takes|positional|cannot carry"):
         torch.compile(Extra(), backend="moe", options={"compiler": "aot_eager"})(x, idx, w)
+
+
+class _SignSTE(torch.autograd.Function):
+    """A straight-through estimator: forward sign, backward identity (not the forward's derivative)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Twice(torch.autograd.Function):
+    """A copy forward whose backward doubles the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_only_identity_autograd_functions_are_inlined():
+    from models import AllToAllIdentity
+    from moe_compile.passes.normalise import inline_identity_functions
+
+    def graph_of(fn):
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        x = torch.randn(3, 4, requires_grad=True)
+        torch.compile(fn, backend=keep, fullgraph=True)(x)
+        return graphs[0], x
+
+    for fn, inlined in ((lambda x: AllToAllIdentity.apply(x) * 3, 1), (lambda x: _SignSTE.apply(x) * 3, 0),
+                        (lambda x: _Twice.apply(x) * 3, 0)):
+        gm, x = graph_of(fn)
+        x2 = x.detach().clone().requires_grad_()
+        assert inline_identity_functions(gm) == inlined
+        out = gm(x2)[0]
+        out.sum().backward()
+        ref = fn(x)
+        ref.sum().backward()
+        assert torch.equal(out, ref) and torch.equal(x2.grad, x.grad)

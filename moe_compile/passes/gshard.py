@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from .detect import SLOTS, _random_routing, _stacked_candidates, layer_candidates, prove
 from .inline import _expert_lists, _extract, _value
-from .rewrite import Region, _ancestors, module_path
+from .rewrite import Region, _ancestors, module_path, weight_refs
 
 EXPERTS_SLOTS = torch.ops.moe_compile.experts_slots.default
 _LAYOUT_OPS = ("reshape", "view", "t", "transpose", "permute", "flatten", "contiguous")
@@ -50,6 +50,16 @@ def _same(a, b) -> bool:
 
 def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _agree(a, b) -> bool:
+    """Equal for every value of the shape symbols, or equal now where the tensors came from other frames with
+    symbols of their own (``moe_compile::experts_slots`` checks at run time that they agree)."""
+    return _same(a, b) or (not isinstance(a, int) or not isinstance(b, int)) and _hint(a) == _hint(b)
+
+
+def _agree_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b))
 
 
 def _hint(d) -> int:
@@ -350,7 +360,7 @@ def _check_inputs(ds: _Site, cs: _Site, ext: list):
         return f"the experts between dispatch and combine read more than (dispatch, x, combine, parameters): " \
                f"{[a.name for a in tensors if a not in data]}"
     dv, xv, cv = (_value(n) for n in data)
-    if xv.dim() != 2 or dv.dim() != 3 or not _same_shape(dv.shape, cv.shape) or not _same(xv.shape[0], dv.shape[0]):
+    if xv.dim() != 2 or dv.dim() != 3 or not _agree_shape(dv.shape, cv.shape) or not _agree(xv.shape[0], dv.shape[0]):
         return "dispatch/combine are not [tokens, experts, capacity] and x is not [tokens, hidden]"
     if dv.requires_grad:
         return "the dispatch tensor requires grad (only the combine weights may)"
@@ -444,7 +454,7 @@ def _fuse_one(gm, ds: _Site, cs: _Site, down: set, rewrite: bool) -> Region:
     spec = dataclasses.replace(match.spec, top_k=E, dispatch="slots")
     if rewrite:
         _rewrite(gm, ds, cs, region, _operand_lists(gm, by_name, match.slots, rows, cs.node), spec)
-    return Region(where, f"{pattern}, {spec.activation}", True, "", spec)
+    return Region(where, f"{pattern}, {spec.activation}", True, "", spec, weights=weight_refs(by_name.values()))
 
 
 def fuse_slot_experts(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
