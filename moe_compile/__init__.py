@@ -10,7 +10,7 @@ only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope``)
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers the moe_compile:: ops)
-from . import capture, scope
+from . import capture, capture_blocks, scope
 from .backend import moe_backend
 from .capture import experts
 from .spec import MoESpec, RouterSpec
@@ -24,6 +24,7 @@ def install_capture() -> None:
     Both hooks do nothing outside frames compiled with ``backend="moe"``."""
     scope.install()
     capture.install_hf_capture()
+    scope.on_moe_frame(capture_blocks.install)  # HF MoE blocks that are not experts modules (switch, nllb, dbrx)
 
 
 install_capture()

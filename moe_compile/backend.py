@@ -1,14 +1,14 @@
 """The ``moe`` torch.compile backend.
 
 ``torch.compile(model, backend="moe", options={...})`` hands each Dynamo graph to :func:`moe_backend`, which fuses
-the MoE blocks it recognises (``passes.rewrite.fuse_moe``) and passes the graph on to the compiler named by
+the MoE blocks it recognises (``passes.fuse_moe``) and passes the graph on to the compiler named by
 ``options["compiler"]``: ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"`` (debugging).
 """
 from __future__ import annotations
 
 import torch
 
-from .passes.rewrite import Region, fuse_moe
+from .passes import Region, fuse_moe
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 OPTIONS = {"compiler": "inductor"}
@@ -43,3 +43,6 @@ def moe_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+moe_backend.moe_compile_backend = True  # how moe_compile.scope recognises the backend behind Dynamo's wrappers

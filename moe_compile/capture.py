@@ -182,9 +182,6 @@ def install_hf_capture() -> bool:
     global _HF_PATCHED
     if _HF_PATCHED:
         return True
-    from . import capture_blocks  # HF MoE blocks that are not experts modules (switch, nllb, dbrx, jetmoe)
-
-    scope.on_moe_frame(capture_blocks.install)
     try:
         from transformers.integrations import moe as hf_moe
     except Exception:  # transformers not installed, or too old to have ExpertsInterface

@@ -44,7 +44,7 @@ BLOCKS = {
 }
 """module -> {class name: (kind, rank of the hidden states the call must have to be captured)}."""
 
-_SKIPPED: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
+SKIPPED: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
 """Captured classes a call of which was left uncaptured while tracing, with the reason (reported by explain)."""
 
 
@@ -87,7 +87,7 @@ def _patch(cls, kind: str, rank: int) -> None:
         if capture.ENABLED and torch.compiler.is_compiling() and scope.active():
             call = _capturable(self, kind, rank, args, kwargs)
             if isinstance(call, str):
-                _SKIPPED[type(self)] = call
+                SKIPPED[type(self)] = call
             else:
                 return block_call(*call, [p for _, p in self.named_parameters()], capture.module_key(self))
         return original(self, *args, **kwargs)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .passes.rewrite import Region, fuse_moe
+from .passes import Region, fuse_moe
 from .scope import moe_scope
 
 

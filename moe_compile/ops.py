@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .capture import keyed_experts_op
+from .user_experts import find_expert_list, run_user_experts
 from .codegen import cpu
 from .spec import MoESpec
 
@@ -158,36 +159,17 @@ def fused_experts(spec: MoESpec, x, topk_idx, topk_weights, gate=(), up=(), down
 
 def _list_of(key: str) -> tuple[torch.nn.Module, list[str]]:
     from .capture import module_for
-    from .passes.detect import _find_expert_list
 
     module = module_for(key)
-    _, experts = _find_expert_list(module)
+    _, experts = find_expert_list(module)
     return module, experts
-
-
-def _dispatch_combine(module, experts, names, params, x, idx, w):
-    """out[t] = sum_j w[t, j] * experts[idx[t, j]](x[t]), with parameters ``params`` (functional)."""
-    values = dict(zip(names, params))
-    plan = cpu.make_plan(idx.long(), len(experts))
-    xs = x[plan.tokens]
-    ys, start = [], 0
-    prefix = {id(e): f"{n}." for n, e in module.named_modules() if any(e is ex for ex in experts)}
-    for e, end in enumerate(plan.offs_list):
-        if end > start:
-            p = prefix[id(experts[e])]
-            own = {n[len(p):]: v for n, v in values.items() if n.startswith(p)}
-            ys.append(torch.func.functional_call(experts[e], own, (xs[start:end],), strict=False))
-        start = end
-    y = torch.cat(ys) if ys else xs.new_zeros(0, x.shape[-1])
-    ws = w.reshape(-1)[plan.order]
-    return torch.zeros_like(x).index_add(0, plan.tokens, (y * ws.unsqueeze(-1)).to(x.dtype))
 
 
 def _run_dispatch_combine(key, params, x, idx, w):
     module, experts = _list_of(key)
     cpu.check_routing(idx, w, x, len(experts))
     names = [n for n, _ in module.named_parameters()]
-    return _dispatch_combine(module, experts, names, params, x, idx, w)
+    return run_user_experts(module, experts, names, params, x, idx, w)
 
 
 dispatch_combine = keyed_experts_op("dispatch_combine", _run_dispatch_combine)

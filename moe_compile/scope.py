@@ -76,15 +76,13 @@ def is_moe_backend(compiler_fn) -> bool:
     """Does ``compiler_fn`` (as Dynamo holds it: wrapped for debugging, by ``torch.compile``, by DDPOptimizer) end
     in :func:`moe_compile.backend.moe_backend`? A backend of one's own that calls ``moe_backend`` counts when it
     says so the standard way, ``@functools.wraps(moe_compile.moe_backend)`` (its ``__wrapped__``)."""
-    from .backend import moe_backend
-
     todo, seen = [compiler_fn], set()
     while todo:
         fn = todo.pop()
         if fn is None or id(fn) in seen or len(seen) > 32:
             continue
         seen.add(id(fn))
-        if fn is moe_backend:
+        if getattr(fn, "moe_compile_backend", False) is True:  # set on moe_backend (and copied by functools.wraps)
             return True
         todo.extend(getattr(fn, a, None) for a in _WRAPPER_ATTRS)
     return False

@@ -1,0 +1,41 @@
+"""The passes, in the order the backend runs them: each a function over a Dynamo GraphModule that rewrites it in
+place (``rewrite=True``) or only reports (``rewrite=False``, for ``explain``), returning the regions it found.
+
+1. ``normalise.inline_identity_functions``: value- and gradient-preserving spellings made plain (always runs);
+2. ``blocks.fuse_block_calls``: HF MoE blocks captured whole (``capture_blocks``);
+3. ``experts_calls.fuse_experts_calls``: captured experts modules;
+4. ``gshard.fuse_slot_experts``: dispatch/combine tensors over capacity slots;
+5. ``inline.fuse_inline_experts``: experts traced inline (ModuleList loops, stacked weights, sorted dispatch);
+6. ``unfused.report_unfused_topk``: routers left unfused, reported.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .blocks import fuse_block_calls
+from .experts_calls import fuse_experts_calls
+from .graph import Region
+from .gshard import fuse_slot_experts
+from .inline import fuse_inline_experts
+from .normalise import inline_identity_functions
+from .unfused import report_unfused_topk
+
+__all__ = ["PIPELINE", "Region", "fuse_moe"]
+
+PIPELINE = (fuse_block_calls, fuse_experts_calls, fuse_slot_experts, fuse_inline_experts)
+
+
+def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    """Run every pass over ``gm``; returns what each found."""
+    inline_identity_functions(gm)
+    regions: list[Region] = []
+    for fuse in PIPELINE:
+        if fuse is fuse_inline_experts:
+            regions += fuse(gm, rewrite, skip=[r.module_path for r in regions])
+        else:
+            regions += fuse(gm, rewrite)
+    regions += report_unfused_topk(gm, regions)
+    if rewrite:
+        gm.graph.lint()
+        gm.recompile()
+    return regions

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 from .. import capture, capture_blocks
 from ..spec import RouterSpec
-from .detect import (SLOTS, ExpertsMatch, _module_layers, _stacked_candidates, layer_candidates, prove,
+from .detect import (SLOTS, ExpertsMatch, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
 from ..capture_blocks import BLOCK_CALL
-from .rewrite import Region, _clean_path, describe_router, module_path
+from .graph import EXPERTS, FUSED_TARGETS, Region, clean_path, module_path
+from .router import describe_router
 
-EXPERTS = torch.ops.moe_compile.experts.default
 
 
 # --------------------------------------------------------------------------------------------- graph side
@@ -66,6 +66,9 @@ def fused_block(x, a, b, params, kind: str, recipe, spec: str, router: tuple):
     if kind == "block" and router[2] is not None:
         out = out + params[router[2]]
     return out.reshape(x.shape)
+
+
+FUSED_TARGETS.extend([BLOCK_CALL, fused_block])
 
 
 # --------------------------------------------------------------------------------------------- proofs
@@ -116,7 +119,7 @@ def _flat_candidates(module, params):
                 vn = n + ("^T" if t else "")
                 virtual[vn] = v.transpose(1, 2) if t else v
                 recipe[vn] = (i, (E, rows // E, params[n].shape[1]), t)
-            cands, _ = _stacked_candidates(module, virtual)
+            cands, _ = stacked_candidates(module, virtual)
             out += [(c, virtual, recipe) for c in cands or []]
     if not out:
         return None, None, "no [E, F, H] view of the flattened weights chains as hidden -> ffn -> hidden"
@@ -181,7 +184,7 @@ def _match(module, kind, a_shape, H):
         kk, E = a_shape[-2], a_shape[-1]
         experts = _expert_children(module)
         pattern = f"{len(experts)} experts selected by a [tokens, {kk}, {E}] mask"
-        layers = _module_layers(experts, params) if len(experts) == E else None
+        layers = module_layers(experts, params) if len(experts) == E else None
         if layers is None:
             return ExpertsMatch(None, reason=f"the mask names {E} experts; the module does not hold {E} experts made "
                                 "of nn.Linear layers only", pattern=pattern), None, None
@@ -210,10 +213,10 @@ def _match(module, kind, a_shape, H):
 
         probes = None
         if stacked:
-            cands, why = _stacked_candidates(module, params)
+            cands, why = stacked_candidates(module, params)
             pattern = "stacked experts [E, ., .]"
-        elif len(experts) > 1 and _module_layers(experts, params) is not None:
-            cands, why = layer_candidates(_module_layers(experts, params), params)
+        elif len(experts) > 1 and module_layers(experts, params) is not None:
+            cands, why = layer_candidates(module_layers(experts, params), params)
             pattern = f"{len(experts)} MLP experts"
         else:
             pattern = "flattened [E*F, H] expert weights"
@@ -242,7 +245,7 @@ def _match(module, kind, a_shape, H):
         return ExpertsMatch(None, reason="router weight is not [E, H] or bias not [H]", pattern=pattern), None, None
     ks = [getattr(m, "top_k", None) for m in module.modules()]
     ks = [k for k in dict.fromkeys(ks) if isinstance(k, int) and 0 < k <= E] or [2]
-    cands, why = _stacked_candidates(module, stacked)
+    cands, why = stacked_candidates(module, stacked)
     if not cands:
         return ExpertsMatch(None, reason=why, pattern=pattern), None, None
     g = torch.Generator().manual_seed(11)
@@ -340,8 +343,8 @@ def fuse_block_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
 
 
 def report_skipped(gm: fx.GraphModule, found) -> list[Region]:
-    """Blocks of a captured class left uncaptured in this trace (``capture_blocks._SKIPPED``), once per path."""
-    skipped = {cls.__qualname__: why for cls, why in capture_blocks._SKIPPED.items()}
+    """Blocks of a captured class left uncaptured in this trace (``capture_blocks.SKIPPED``), once per path."""
+    skipped = {cls.__qualname__: why for cls, why in capture_blocks.SKIPPED.items()}
     if not skipped:
         return []
     seen, out = {r.module_path for r in found}, []
@@ -349,7 +352,7 @@ def report_skipped(gm: fx.GraphModule, found) -> list[Region]:
         for path, cls in (node.meta.get("nn_module_stack") or {}).values():
             name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
             name = name.rsplit(".", 1)[-1]
-            p = _clean_path(path)
+            p = clean_path(path)
             if name in skipped and p not in seen:
                 seen.add(p)
                 out.append(Region(p, name, False, f"not captured: {skipped[name]}"))

@@ -25,6 +25,7 @@ import torch
 from .. import capture
 from ..codegen import cpu
 from ..spec import MoESpec, RouterSpec
+from ..user_experts import find_expert_list, run_user_experts
 
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
 _MAX_CANDIDATES = 96
@@ -71,12 +72,12 @@ def _swiglu_params(module):
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     spec_kw: dict
     slots: dict[str, list[str]]
 
 
-def _stacked_candidates(module, params: dict[str, torch.Tensor]):
+def stacked_candidates(module, params: dict[str, torch.Tensor]):
     w3 = [n for n, p in params.items() if p.dim() == 3]
     b2 = [n for n, p in params.items() if p.dim() == 2]
     other = [n for n, p in params.items() if p.dim() not in (2, 3)]
@@ -125,7 +126,7 @@ def _stacked_candidates(module, params: dict[str, torch.Tensor]):
                 for gl in gls:
                     kw = dict(num_experts=E, hidden=h_in, ffn=F, gate_layout=gl, weight_layout=layout,
                               stacked=True, has_bias=bool(b2))
-                    out.append(_Candidate(kw, {s: slots.get(s, []) for s in SLOTS}))
+                    out.append(Candidate(kw, {s: slots.get(s, []) for s in SLOTS}))
     return out, "" if out else "stacked weight shapes do not chain as hidden -> ffn -> hidden"
 
 
@@ -137,7 +138,7 @@ def _linears(expert: torch.nn.Module):
     return lins
 
 
-def _module_layers(experts: torch.nn.ModuleList, params: dict[str, torch.Tensor]):
+def module_layers(experts: torch.nn.ModuleList, params: dict[str, torch.Tensor]):
     """Per expert, its nn.Linear layers as ``(weight_name, bias_name | None)``; None if an expert holds anything
     else."""
     name_of = {id(p): n for n, p in params.items()}
@@ -181,19 +182,12 @@ def layer_candidates(layers: list[list[tuple[str, str | None]]], params: dict[st
                     slots["b_" + slot] = [l[i][1] for l in layers]
         kw = dict(num_experts=E, hidden=h_in, ffn=f_in, gate_layout="separate" if gate is not None else "none",
                   weight_layout="out_in", stacked=False, has_bias=has_bias)
-        out.append(_Candidate(kw, slots))
+        out.append(Candidate(kw, slots))
     return out, "" if out else "expert layer shapes do not chain as hidden -> ffn -> hidden"
 
 
-def _find_expert_list(module):
-    lists = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    if len(lists) != 1:
-        return None, None
-    return lists[0]
-
-
 # --------------------------------------------------------------------------------------------- verification
-def _random_routing(E: int, k: int, H: int, device, seed: int = 0):
+def random_routing(E: int, k: int, H: int, device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     T = max(2 * E, 12)
     scale = torch.exp(torch.empty(T, 1).uniform_(-2.5, 2.5, generator=g))
@@ -250,13 +244,13 @@ def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMat
     if getattr(module, "has_post_expert_norm", False):
         return ExpertsMatch(None, reason="a norm after each expert (has_post_expert_norm) is not fused")
     if any(p.dim() == 3 for p in params.values()):
-        cands, why = _stacked_candidates(module, params)
+        cands, why = stacked_candidates(module, params)
         pattern = "stacked experts [E, ., .]"
     else:
-        _, experts = _find_expert_list(module)
+        _, experts = find_expert_list(module)
         if experts is None:
             return ExpertsMatch(None, reason="no stacked [E, ., .] weights and no single nn.ModuleList of experts")
-        layers = _module_layers(experts, params)
+        layers = module_layers(experts, params)
         if layers is None:
             return ExpertsMatch(None, reason="an expert holds parameters outside nn.Linear layers",
                                 pattern=f"nn.ModuleList of {len(experts)} experts")
@@ -305,7 +299,7 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
                     continue
                 probes = given
             else:
-                probes = [_random_routing(E, k, H, device), _random_routing(E, min(E, k + 1), H, device, seed=1)]
+                probes = [random_routing(E, k, H, device), random_routing(E, min(E, k + 1), H, device, seed=1)]
             cases = [(draw, probe) for draw in draws for probe in probes]
             try:
                 refs = [reference(draw, *probe) for draw, probe in cases]
@@ -346,9 +340,7 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
     its one ``nn.ModuleList`` (each expert mapping [n, H] -> [n, H] row by row)? Proven like the MLP readings."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from ..ops import _dispatch_combine
-
-    _, experts = _find_expert_list(module)
+    _, experts = find_expert_list(module)
     if experts is None:
         return ExpertsMatch(None, reason="no single nn.ModuleList of experts")
     params = dict(module.named_parameters())
@@ -367,14 +359,14 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
         cases = [(draw, kk, seed) for draw in range(PARAM_DRAWS) for seed, kk in ((0, k), (1, min(E, k + 1)))]
         for draw, kk, seed in cases:
             m64 = random_parameters(params, draw)
-            x, idx, w = _random_routing(E, kk, H, first.device, seed=seed)
+            x, idx, w = random_routing(E, kk, H, first.device, seed=seed)
             try:
                 ref = _module_output(module, {**m64, **buffers}, x, idx, w)
                 old = capture.ENABLED
                 capture.ENABLED = False
                 try:
                     with torch.no_grad():
-                        got = _dispatch_combine(module, experts, names, [m64[n] for n in names], x, idx, w)
+                        got = run_user_experts(module, experts, names, [m64[n] for n in names], x, idx, w)
                 finally:
                     capture.ENABLED = old
             except Exception as e:  # noqa: BLE001 - reported, module left alone

@@ -25,11 +25,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .detect import SLOTS, _random_routing, _stacked_candidates, layer_candidates, prove
-from .inline import _expert_lists, _extract, _value
-from .rewrite import Region, _ancestors, module_path, weight_refs
+from .detect import SLOTS, layer_candidates, prove, random_routing, stacked_candidates
+from .graph import EXPERTS_SLOTS, Region, ancestors_of, example_value, expert_lists, extract_region, module_path, weight_refs
 
-EXPERTS_SLOTS = torch.ops.moe_compile.experts_slots.default
 _LAYOUT_OPS = ("reshape", "view", "t", "transpose", "permute", "flatten", "contiguous")
 _LAYOUT_FUNCTIONS = (torch.reshape, torch.t, torch.transpose, torch.permute, torch.flatten)
 _MATMULS = (torch.mm, torch.matmul, operator.matmul)
@@ -135,19 +133,19 @@ def _layout_chain(node):
     """(the nearest 3D tensor ``node`` is a pure re-layout of, the layout ops in between) or (None, [])."""
     chain = []
     while _is_layout(node):
-        v = _value(node)
+        v = example_value(node)
         if isinstance(v, torch.Tensor) and v.dim() == 3:
             break
         chain.append(node)
         node = node.args[0] if node.args else None
-    v = _value(node)
+    v = example_value(node)
     if not chain or not isinstance(v, torch.Tensor) or v.dim() != 3:
         return None, []
     return node, chain[::-1]
 
 
 def _dims(node):
-    v = _value(node)
+    v = example_value(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
@@ -223,13 +221,13 @@ def _is_param(node: fx.Node) -> bool:
 
 def _weights_only(node: fx.Node) -> bool:
     """Does ``node`` compute from parameters (and sizes) alone, e.g. ``self.b1.unsqueeze(1)``?"""
-    if node.op not in ("call_function", "call_method") or not isinstance(_value(node), torch.Tensor):
+    if node.op not in ("call_function", "call_method") or not isinstance(example_value(node), torch.Tensor):
         return False
-    ancestors = _ancestors(node)
+    ancestors = ancestors_of(node)
     if not any(_is_param(a) for a in ancestors):
         return False
     for a in ancestors:
-        if a.op == "placeholder" and not _is_param(a) and isinstance(_value(a), torch.Tensor):
+        if a.op == "placeholder" and not _is_param(a) and isinstance(example_value(a), torch.Tensor):
             return False
         if a.op not in ("placeholder", "call_function", "call_method"):
             return False
@@ -247,7 +245,7 @@ def _external(nodes: list, inside: set) -> list:
 
 def _cut(gm, ds: _Site, cs: _Site, down: set):
     """(region nodes in graph order, the nodes between the products, external inputs)."""
-    between = (set(_ancestors(cs.other)) | {cs.other}) & down
+    between = (set(ancestors_of(cs.other)) | {cs.other}) & down
     inside = between | {cs.node} | set(ds.prefix) | set(cs.prefix)
     while True:  # pull in what the expert weights alone compute
         more = {a for a in _external(list(inside), inside) if _weights_only(a)}
@@ -261,12 +259,12 @@ def _cut(gm, ds: _Site, cs: _Site, down: set):
 def _size_reader(node: fx.Node, tensors: list):
     """A function of the region's tensor inputs giving the size ``node`` holds, for every value of the shape
     symbols (a dimension of one of them, or a product of two), or None."""
-    v = _value(node)
+    v = example_value(node)
     if isinstance(v, int) and not isinstance(v, bool):
         return lambda ts, v=v: v  # a traced constant (static graph)
     if not isinstance(v, torch.SymInt):
         return None
-    dims = [(i, j, d) for i, t in enumerate(tensors) for j, d in enumerate(_value(t).shape)]
+    dims = [(i, j, d) for i, t in enumerate(tensors) for j, d in enumerate(example_value(t).shape)]
     for i, j, d in dims:
         if _same(v, d):
             return lambda ts, i=i, j=j: ts[i].shape[j]
@@ -283,7 +281,7 @@ def _slot_probes(S: int, E: int, C: int, H: int, device):
     does), and the matching (dispatch, combine)."""
     probes = []
     for seed, k in ((0, min(2, E)), (1, 1)):
-        x, idx, w = _random_routing(E, k, H, device, seed=seed)
+        x, idx, w = random_routing(E, k, H, device, seed=seed)
         x, idx, w = x[:S], idx[:S], w[:S]
         if x.shape[0] < S:  # more tokens than the default probe: repeat with other scales
             reps = -(-S // x.shape[0])
@@ -335,7 +333,7 @@ def _param_groups(params: list[fx.Node], gm: fx.GraphModule):
     live = {p.name: p.meta["grapharg"].example for p in params}
     if any(t.dim() == 3 for t in live.values()):
         return "stacked", live, {p.name: p for p in params}
-    for _, experts in _expert_lists(gm).items():
+    for _, experts in expert_lists(gm).items():
         nodes = {n for e in experts.values() for layer in e.values() for n in layer.values()}
         if nodes == set(params):
             layers, by_name = [], {}
@@ -353,13 +351,13 @@ def _param_groups(params: list[fx.Node], gm: fx.GraphModule):
 def _check_inputs(ds: _Site, cs: _Site, ext: list):
     """(parameters, size inputs with their readers) or a reason the region's inputs are not the layer's."""
     params = [a for a in ext if _is_param(a)]
-    tensors = [a for a in ext if a not in params and isinstance(_value(a), torch.Tensor)]
+    tensors = [a for a in ext if a not in params and isinstance(example_value(a), torch.Tensor)]
     rest = [a for a in ext if a not in params and a not in tensors]
     data = [ds.slots, ds.other, cs.slots]
     if len(set(data)) != 3 or set(tensors) != set(data):
         return f"the experts between dispatch and combine read more than (dispatch, x, combine, parameters): " \
                f"{[a.name for a in tensors if a not in data]}"
-    dv, xv, cv = (_value(n) for n in data)
+    dv, xv, cv = (example_value(n) for n in data)
     if xv.dim() != 2 or dv.dim() != 3 or not _agree_shape(dv.shape, cv.shape) or not _agree(xv.shape[0], dv.shape[0]):
         return "dispatch/combine are not [tokens, experts, capacity] and x is not [tokens, hidden]"
     if dv.requires_grad:
@@ -394,7 +392,7 @@ def _candidates(params, gm):
     live = {n: p.meta["grapharg"].example for n, p in by_name.items()}
     rows = _row_biases(live) if kind == "stacked" else set()
     live = {n: t.detach()[:, 0] if n in rows else t for n, t in live.items()}
-    cands, why = _stacked_candidates(object(), live) if kind == "stacked" else layer_candidates(structure, live)
+    cands, why = stacked_candidates(object(), live) if kind == "stacked" else layer_candidates(structure, live)
     return cands, by_name, live, rows, why
 
 
@@ -435,10 +433,10 @@ def _fuse_one(gm, ds: _Site, cs: _Site, down: set, rewrite: bool) -> Region:
     cands, by_name, live, rows, why = _candidates(params, gm)
     if not cands:
         return Region(where, pattern, False, why)
-    dv, xv = _value(ds.slots), _value(ds.other)
+    dv, xv = example_value(ds.slots), example_value(ds.other)
     E, H = dv.shape[1], xv.shape[1]
     names = list(by_name)
-    sub = _extract(region, [ds.slots, ds.other, cs.slots, *[a for a, _ in sizes], *by_name.values()], cs.node)
+    sub = extract_region(region, [ds.slots, ds.other, cs.slots, *[a for a, _ in sizes], *by_name.values()], cs.node)
     caps = _probe_sizes(tuple(dv.shape))
 
     def reference(params64, xx, ii, ww):

@@ -21,15 +21,17 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from .detect import SLOTS, _Candidate, _stacked_candidates, layer_candidates, prove, with_top_k
-from .rewrite import EXPERTS, Region, _ancestors, _clean_path, _experts_ops, _is, describe_router, weight_refs
+from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
+from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists, extract_region,
+                    is_op, live_value, param_path, stack_paths, weight_refs)
+from .router import describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
 _PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
 _SHAPE_OPS = ("reshape", "view", "view_as", "contiguous")
 
 
-def _param_path(node: fx.Node):
+def param_path(node: fx.Node):
     ga = node.meta.get("grapharg")
     if node.op != "placeholder" or ga is None:
         return None
@@ -37,11 +39,11 @@ def _param_path(node: fx.Node):
     return (m.group(1), m.group(2)) if m else None  # ("L['self'].moe.experts.0.w1", "weight")
 
 
-def _expert_lists(gm: fx.GraphModule):
+def expert_lists(gm: fx.GraphModule):
     """{list path: {expert index: {layer path: {"weight"|"bias": placeholder}}}} for ModuleLists of experts."""
     lists = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for node in gm.graph.nodes:
-        pp = _param_path(node)
+        pp = param_path(node)
         if pp is None:
             continue
         mod, pname = pp
@@ -60,42 +62,42 @@ def _looks_like_experts(experts) -> bool:
     for e in experts.values():
         for ps in e.values():
             w, b = ps.get("weight"), ps.get("bias")
-            if w is None or set(ps) - {"weight", "bias"} or _value_of(w).dim() != 2:
+            if w is None or set(ps) - {"weight", "bias"} or live_value(w).dim() != 2:
                 return False
-            if b is not None and _value_of(b).dim() != 1:
+            if b is not None and live_value(b).dim() != 1:
                 return False
     return True
 
 
-def _value_of(placeholder: fx.Node) -> torch.Tensor:
+def live_value(placeholder: fx.Node) -> torch.Tensor:
     return placeholder.meta["grapharg"].example
 
 
-def _paths(node: fx.Node) -> list[str]:
+def stack_paths(node: fx.Node) -> list[str]:
     return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
 
 
-def _value(node):
+def example_value(node):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _router(nodes: list[fx.Node], list_path: str | None) -> set[fx.Node]:
     """The top-k, what it depends on, and what is computed from the top-k values alone (renormalisation, scaling,
     or ``scores.gather(1, idx)`` when a selection-only bias picked the experts)."""
-    topks = [n for n in nodes if _is(n, "topk")]
+    topks = [n for n in nodes if is_op(n, "topk")]
     router: set[fx.Node] = set()
     from_topk: set[fx.Node] = set()
     for t in topks:
-        router |= set(_ancestors(t)) | {t} | set(t.users)
+        router |= set(ancestors_of(t)) | {t} | set(t.users)
         from_topk |= {t} | set(t.users)
     for n in nodes:
-        if n in router or (list_path and list_path in " ".join(_paths(n))):
+        if n in router or (list_path and list_path in " ".join(stack_paths(n))):
             continue
         ins = n.all_input_nodes
-        if _is(n, "unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "index_select"):
+        if is_op(n, "unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "index_select"):
             continue  # reshaping the routing weights for the combine belongs to the experts' region
-        kinds = [_value(a).is_floating_point() for a in ins if isinstance(_value(a), torch.Tensor)]
-        out = _value(n)
+        kinds = [example_value(a).is_floating_point() for a in ins if isinstance(example_value(a), torch.Tensor)]
+        out = example_value(n)
         # integer inputs (expert ids) only together with a float one, and a float result: gather(scores, 1, idx)
         if (ins and all(a in router for a in ins) and any(a in from_topk for a in ins)
                 and (all(kinds) or (any(kinds) and isinstance(out, torch.Tensor) and out.is_floating_point()))):
@@ -135,13 +137,13 @@ def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
 
 
 def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node]):
-    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in _paths(n)]
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in stack_paths(n)]
     router, from_topk = _router(nodes, list_path)
     region = [n for n in nodes if n not in router]
     inside = set(region)
     # size arithmetic on tensors from outside (x.shape for a final reshape) is not the experts' work
     for n in region:
-        if not isinstance(_value(n), torch.Tensor) and not any(a in inside for a in n.all_input_nodes):
+        if not isinstance(example_value(n), torch.Tensor) and not any(a in inside for a in n.all_input_nodes):
             inside.discard(n)
     region = [n for n in region if n in inside]
     seeds = from_topk | params  # expert ids and routing weights, and the experts' weights
@@ -156,9 +158,9 @@ def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node
         if len(last) != 1:
             break
         n = last[0]
-        if _is(n, *_SHAPE_OPS) and n.all_input_nodes[0] in inside:
+        if is_op(n, *_SHAPE_OPS) and n.all_input_nodes[0] in inside:
             region.remove(n)
-        elif _is(n, "add", "__add__") and len(n.all_input_nodes) == 2 and sum(a in dep for a in n.all_input_nodes) == 1:
+        elif is_op(n, "add", "__add__") and len(n.all_input_nodes) == 2 and sum(a in dep for a in n.all_input_nodes) == 1:
             region = _prune([m for m in region if m is not n], seeds)
         else:
             break
@@ -172,9 +174,9 @@ _CHECKS = ("_assert_scalar", "_check", "_check_is_size", "sym_constrain_range", 
 def _checks(region: list[fx.Node]) -> set[fx.Node]:
     """Dynamo's runtime assertions on traced sizes and the size arithmetic that only they use: not the experts'
     work (erased with the region, left out of the reference, which runs at other sizes)."""
-    checks = {n for n in region if _is(n, *_CHECKS)}
+    checks = {n for n in region if is_op(n, *_CHECKS)}
     for n in reversed(region):
-        if n not in checks and n.users and not isinstance(_value(n), torch.Tensor) and all(u in checks for u in n.users):
+        if n not in checks and n.users and not isinstance(example_value(n), torch.Tensor) and all(u in checks for u in n.users):
             checks.add(n)
     return checks
 
@@ -191,9 +193,9 @@ def _grouped_mm_any(a, b, offs=None, bias=None, out_dtype=None):
 def _identity_cast(n: fx.Node, work: torch.dtype) -> bool:
     """A float cast that is exact (to the same or a wider float type) or back to the block's working dtype
     ``work`` (rounding the fused op does in that dtype too): an identity in the float64 reference."""
-    if not _is(n, "to", "float", "type", "type_as", "half", "bfloat16", "double"):
+    if not is_op(n, "to", "float", "type", "type_as", "half", "bfloat16", "double"):
         return False
-    src, out = _value(n.args[0]) if n.args else None, _value(n)
+    src, out = example_value(n.args[0]) if n.args else None, example_value(n)
     if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.device == out.device
             and src.is_floating_point() and out.is_floating_point()):
         return False
@@ -201,7 +203,7 @@ def _identity_cast(n: fx.Node, work: torch.dtype) -> bool:
     return out.dtype in (src.dtype, work) or (b.bits >= a.bits and b.eps <= a.eps and b.max >= a.max)
 
 
-def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, sizes=None) -> fx.GraphModule:
+def extract_region(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, sizes=None) -> fx.GraphModule:
     """The region as a graph over ``inputs``; ``sizes`` maps external size nodes to ``(input position, dim,
     factor)``: ``inputs[pos].size(dim) * factor`` at run time."""
     g = fx.Graph()
@@ -214,7 +216,7 @@ def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, size
     for n in region:
         if n in checks:
             continue
-        if _identity_cast(n, _value(inputs[0]).dtype):
+        if _identity_cast(n, example_value(inputs[0]).dtype):
             env[n] = env[n.args[0]]
         elif n.op == "call_function" and n.target is torch._grouped_mm:
             env[n] = g.call_function(_grouped_mm_any, tuple(fx.map_arg(n.args, lambda a: env[a])),
@@ -228,10 +230,10 @@ def _extract(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, size
 def _size_inputs(ext: list[fx.Node], x: fx.Node, idx: fx.Node):
     """External sizes the region uses, as sizes of its inputs: ``{node: (0, 0, 1)}`` for tokens ``T``,
     ``(0, 0, k)`` for ``T * k``; None if one is anything else."""
-    T, k = _value(x).shape[0], int(_value(idx).shape[-1])
+    T, k = example_value(x).shape[0], int(example_value(idx).shape[-1])
     out = {}
     for a in ext:
-        v = _value(a)
+        v = example_value(a)
         expr = getattr(getattr(v, "node", None), "expr", None)
         t_expr = getattr(getattr(T, "node", None), "expr", None)
         if expr is None or t_expr is None:
@@ -261,7 +263,7 @@ def _probes(E: int, k: int, H: int, tokens: list[int], device):
 
 
 def _token_counts(x: fx.Node) -> list[int]:
-    T = _value(x).shape[0]
+    T = example_value(x).shape[0]
     if isinstance(T, int):
         return [T, T]
     hint = T.node.hint if getattr(T.node, "hint", None) is not None else 8
@@ -271,13 +273,13 @@ def _token_counts(x: fx.Node) -> list[int]:
 def _with_score_on_input(cands):
     """Each reading again with the routing weight scaling the expert's input instead of its output (the same
     function only for a linear expert; the proof picks whichever the code computes)."""
-    return list(cands) + [_Candidate(dict(c.spec_kw, score_on_input=True), c.slots) for c in cands]
+    return list(cands) + [Candidate(dict(c.spec_kw, score_on_input=True), c.slots) for c in cands]
 
 
 def _scope(gm: fx.GraphModule, path: str) -> str:
     """The innermost module at or above ``path`` whose nodes hold a top-k router (torchtitan keeps the router and
     the experts in sibling modules of the MoE block)."""
-    topk_paths = [set(_paths(n)) for n in gm.graph.nodes if _is(n, "topk")]
+    topk_paths = [set(stack_paths(n)) for n in gm.graph.nodes if is_op(n, "topk")]
     p = path
     while p:
         if any(p in ps for ps in topk_paths):
@@ -310,20 +312,20 @@ def _stacked_groups(gm: fx.GraphModule):
     """{module path: {param name: placeholder}} for modules owning stacked [E, ., .] expert weights."""
     groups = defaultdict(dict)
     for node in gm.graph.nodes:
-        pp = _param_path(node)
+        pp = param_path(node)
         if pp is not None:
             groups[pp[0]][pp[1]] = node
-    return {m: ps for m, ps in groups.items() if any(_value_of(p).dim() == 3 for p in ps.values())}
+    return {m: ps for m, ps in groups.items() if any(live_value(p).dim() == 3 for p in ps.values())}
 
 
 def _groups(gm: fx.GraphModule):
     """(parent module path, path of the experts' own nodes, pattern, names -> placeholder, candidates, why)."""
-    for list_path, experts in _expert_lists(gm).items():
+    for list_path, experts in expert_lists(gm).items():
         names, cands, why = _list_group(experts)
         yield list_path.rsplit(".", 1)[0], list_path, f"inline nn.ModuleList of {len(experts)} experts", names, cands, why
     for owner, ps in _stacked_groups(gm).items():
-        live = {n: _value_of(p) for n, p in ps.items()}
-        cands, why = _stacked_candidates(object(), live)
+        live = {n: live_value(p) for n, p in ps.items()}
+        cands, why = stacked_candidates(object(), live)
         yield owner, None, "inline stacked [E, ., .] expert weights gathered per token", ps, cands, why
 
 
@@ -339,16 +341,16 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
     regions = []
     for owner, list_path, pattern, names, cands, why in _groups(gm):
         scopes = list(dict.fromkeys([owner, _scope(gm, owner)]))
-        if any(_clean_path(p) in skip for p in scopes):
+        if any(clean_path(p) in skip for p in scopes):
             continue
         params = set(names.values())
         found = None
         for parent in scopes:
             region = _region(gm, parent, list_path, params)
-            if not region or any(n.op == "call_function" and n.target in _experts_ops() for n in region):
+            if not region or any(n.op == "call_function" and n.target in experts_ops() for n in region):
                 continue  # nothing there, or experts already captured as one node
             spec, why_not = _fuse_region(gm, region, names, cands, why, pattern, rewrite)
-            found = (_clean_path(parent), spec, why_not)
+            found = (clean_path(parent), spec, why_not)
             if spec is not None:
                 break
         if found is None:
@@ -376,21 +378,21 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
         for a in n.all_input_nodes:
             if a not in inside and a not in params and a not in ext:
                 ext.append(a)
-    tensors = [a for a in ext if isinstance(_value(a), torch.Tensor)]
-    ints = [a for a in tensors if not _value(a).is_floating_point()]
-    floats = [a for a in tensors if _value(a).is_floating_point()]
+    tensors = [a for a in ext if isinstance(example_value(a), torch.Tensor)]
+    ints = [a for a in tensors if not example_value(a).is_floating_point()]
+    floats = [a for a in tensors if example_value(a).is_floating_point()]
     if len(tensors) != 3 or len(ints) != 1 or len(floats) != 2:
         return None, (f"the region's inputs are not (hidden, expert ids, routing weights): {len(ints)} integer and "
                       f"{len(floats)} float tensor inputs")
     idx = ints[0]
-    w = next((a for a in floats if _value(a).dim() == 2 and _value(a).shape == _value(idx).shape), None)
+    w = next((a for a in floats if example_value(a).dim() == 2 and example_value(a).shape == example_value(idx).shape), None)
     x = next((a for a in floats if a is not w), None)
     dep = _depends(region, params | {idx, w})
     outputs = [n for n in region if n in dep and n not in checks and any(u not in inside for u in n.users)]
     if len(outputs) != 1:
         return None, f"the region has {len(outputs)} outputs, not one hidden [T, H]"
     out = outputs[0]
-    if w is None or x is None or _value(x).dim() != 2 or tuple(_value(out).shape) != tuple(_value(x).shape):
+    if w is None or x is None or example_value(x).dim() != 2 or tuple(example_value(out).shape) != tuple(example_value(x).shape):
         return None, "the region does not map hidden [T, H] with routing [T, k] to [T, H]"
     sizes = _size_inputs([a for a in ext if a not in tensors], x, idx)
     if sizes is None:
@@ -398,19 +400,19 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     if not cands:
         return None, why
     live = {n: p.meta["grapharg"].example for n, p in names.items()}
-    sub = _extract(region, [x, idx, w, *names.values()], out, sizes)
+    sub = extract_region(region, [x, idx, w, *names.values()], out, sizes)
     order = list(names)
 
     def reference(params64, xx, ii, ww):
         return sub(xx, ii, ww, *[params64[n] for n in order])
 
-    k, E = int(_value(idx).shape[-1]), cands[0].spec_kw["num_experts"]
+    k, E = int(example_value(idx).shape[-1]), cands[0].spec_kw["num_experts"]
     device = next(iter(live.values())).device
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
         probes = {H: _probes(E, k, H, _token_counts(x), device) for H in {c.spec_kw["hidden"] for c in cands}}
-    H = int(_value(x).shape[-1])
+    H = int(example_value(x).shape[-1])
     if H not in probes:
         return None, "no reading of the expert weights has the hidden size of the region's input"
     match = prove(_with_score_on_input(cands), live, reference, k, pattern, probes=probes[H])

@@ -1,0 +1,60 @@
+"""Captured experts modules (``moe_compile::experts_call`` nodes) -> ``moe_compile::experts`` when the module is
+recognised (``detect.recognise_module``), or ``moe_compile::dispatch_combine`` around expert bodies of the user's own
+code; the router upstream is described (``describe_router``) but stays in the graph."""
+from __future__ import annotations
+
+import operator
+import weakref
+
+import torch.fx as fx
+
+from .. import capture
+from .detect import SLOTS, recognise_module, with_top_k
+from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, module_path
+from .router import describe_router
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> None:
+    """Replace ``node`` by ``op(*args)`` (or its output ``index``), keeping the node's metadata."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(op, args)
+        out = new if index is None else gm.graph.call_function(operator.getitem, (new, index))
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    regions = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not EXPERTS_CALL:
+            continue
+        x, idx, w, params, key = node.args
+        module = capture.module_for(key)
+        path = module_path(node)
+        val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
+        k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
+        router, _ = describe_router(x, idx, w)
+        match = recognise_module(module, k)
+        if not match.ok:
+            xv = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+            hidden = int(xv.shape[-1]) if xv is not None and isinstance(xv.shape[-1], int) else None
+            around = recognise_module(module, k, hidden) if hidden else match
+            if around.ok:
+                if rewrite:
+                    _replace(gm, node, DISPATCH_COMBINE, (x, idx, w, params, key), index=None)
+                regions.append(Region(path, around.pattern, True, f"expert bodies run as your code: {match.reason}",
+                                      with_top_k(around.spec, k, router), weakref.ref(module)))
+            else:
+                regions.append(Region(path, match.pattern or type(module).__name__, False, match.reason,
+                                      module=weakref.ref(module)))
+            continue
+        spec = with_top_k(match.spec, k, router)
+        by_name = dict(zip([n for n, _ in module.named_parameters()], params))
+        lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
+        if rewrite:
+            _replace(gm, node, EXPERTS, (x, idx, w, *lists, spec.to_json()), index=0)
+        regions.append(Region(path, f"{match.pattern}, {spec.activation}, router {router.score}", True, "", spec,
+                              weakref.ref(module)))
+    return regions
