@@ -6,7 +6,7 @@ call is routed to ``moe_compile::experts_call(hidden, topk_idx, topk_weights, pa
 implementation runs the module's own forward (eager numerics, by construction), and which the backend rewrites into
 the fused op when it recognises the module.
 
-Two ways in:
+Ways in (see also ``capture_blocks`` for HF MoE blocks outside experts modules):
 - ``@moe_compile.experts`` on a class with ``forward(hidden [T, H], topk_idx [T, k], topk_weights [T, k]) -> [T, H]``.
 - HF transformers experts modules (``@use_experts_implementation``): their implementation lookup is routed here while
   compiling, whatever ``experts_implementation`` they are set to.
@@ -50,6 +50,37 @@ def _param_names(module: torch.nn.Module) -> list[str]:
 def _call_module(module, params: list[Tensor], x, idx, w):
     names = _param_names(module)
     return torch.func.functional_call(module, dict(zip(names, params)), (x, idx, w), strict=False)
+
+
+def run_own_code(module: torch.nn.Module, params: dict, args) -> Tensor:
+    """``module(*args)`` by its own code, uncaptured and without autograd, its parameters replaced by ``params`` and
+    its floating buffers by random values (what recognition proves against: nothing a later step can change, a
+    parameter's or a buffer's value, may decide the proof)."""
+    g = torch.Generator().manual_seed(12345)
+    buffers = {n: torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.device)
+               for n, b in module.named_buffers() if b.is_floating_point()}
+    global ENABLED
+    old, ENABLED = ENABLED, False
+    try:
+        with torch.no_grad():
+            return torch.func.functional_call(module, {**buffers, **params}, tuple(args), strict=False)
+    finally:
+        ENABLED = old
+
+
+def uncapturable(module: torch.nn.Module) -> str:
+    """Why a call of ``module`` must run as it is, uncaptured ("" if it may be captured): a captured call's backward
+    recomputes the forward, so a module with dropout (p > 0) would draw another mask, and hooks registered on it or
+    below it (HF's output recorders, the user's) would not run on the captured code's inner calls."""
+    drop = [n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    if drop or (getattr(module, "moe_token_dropout", 0) or 0) > 0:
+        return (f"dropout inside the experts ({drop[0] if drop else 'moe_token_dropout'}, p > 0): a captured call's "
+                "backward would recompute it with another random mask; set the dropout to 0 to capture it")
+    hooked = [n or "<module>" for n, m in module.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    if hooked:
+        return f"hooks registered on {hooked[0]} would not run on the captured code; remove them to capture it"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------- keyed ops
@@ -123,8 +154,7 @@ def bind_experts_args(forward, module, args, kwargs) -> list:
         raise TypeError(f"{type(module).__qualname__}.forward{sig}: {e}") from None
     names = list(sig.parameters)[1:]
     if len(names) < 3 or any(sig.parameters[n].kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                             inspect.Parameter.POSITIONAL_ONLY,
-                                                             inspect.Parameter.KEYWORD_ONLY) for n in names[:3]):
+                                                             inspect.Parameter.POSITIONAL_ONLY) for n in names[:3]):
         raise TypeError(f"{type(module).__qualname__}.forward{sig} must take (hidden, topk_idx, topk_weights) as "
                         "its first three parameters")
     missing = [n for n in names[:3] if n not in bound.arguments]
@@ -155,7 +185,10 @@ def experts(cls):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if ENABLED and torch.compiler.is_compiling() and scope.active():
+        # captured only as the instance's own forward: a subclass's forward calling this one through super() has
+        # transformed the arguments already, and the captured op reruns the whole module
+        if (ENABLED and torch.compiler.is_compiling() and scope.active() and type(self).forward is forward
+                and not uncapturable(self)):
             return captured_call(self, *bind_experts_args(original, self, args, kwargs))
         return original(self, *args, **kwargs)
 
@@ -195,7 +228,7 @@ def install_hf_capture() -> bool:
     def get_interface(self, experts_implementation, default):
         fn = original(self, experts_implementation, default)
         if ENABLED and torch.compiler.is_compiling() and scope.active():
-            return _hf_captured
+            return functools.partial(_hf_captured, fn)
         return fn
 
     interface.get_interface = get_interface
@@ -203,5 +236,8 @@ def install_hf_capture() -> bool:
     return True
 
 
-def _hf_captured(module, *args, **kwargs):
+def _hf_captured(fn, module, *args, **kwargs):
+    """HF's experts implementation ``fn`` for ``module``, captured unless the module cannot be (``uncapturable``)."""
+    if uncapturable(module):
+        return fn(module, *args, **kwargs)
     return captured_call(module, *bind_experts_args(type(module).forward, module, args, kwargs))

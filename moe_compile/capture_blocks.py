@@ -3,7 +3,8 @@
 Some HF transformers families keep their MoE outside ``@use_experts_implementation``: switch_transformers and
 nllb_moe loop over ``expert_hit`` (a ``nonzero`` result) and over module names, dbrx loops over ``expert_hit`` with
 expert weights flattened to ``[E*F, H]``; Dynamo breaks the graph in those loops, so no block is whole in any graph.
-JetMoE's MoE block (its own parallel-experts modules, router inside) traces whole but is left inline.
+JetMoE's MoE block (its own parallel-experts modules, router inside) traces whole, but no pass reads it inline:
+it is captured whole, router included.
 
 Which classes are captured is decided by name (as HF's decorator does); WHAT they compute never is. While Dynamo
 traces a frame for the ``moe`` backend (``scope.active()``), a call of such a module becomes
@@ -21,8 +22,9 @@ form equals the module's code, for the reading of the call's arguments the class
   stacked experts, an optional output bias; router and experts are proven together.
 
 A module is not captured (it runs, and breaks the graph, as before) when the call does not have the shape its kind
-expects, or when it is stochastic (training with dropout p > 0 inside): the captured backward recomputes the
-forward, which would draw a different mask. Such modules are reported by explain with the reason.
+expects, when it holds dropout with p > 0 (the captured backward recomputes the forward, which would draw another
+mask), or when hooks are registered on it or below it (``capture.uncapturable``; HF's output recorders for
+``output_router_logits`` are such hooks). Such modules are reported by explain with the reason.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import sys
 import weakref
 
 import torch
-import torch.fx as fx
 from torch import Tensor
 
 from . import capture, scope
@@ -66,17 +67,6 @@ block_call = capture.keyed_experts_op("block_call", _run)
 BLOCK_CALL = torch.ops.moe_compile.block_call.default
 
 
-def _stochastic(module) -> str:
-    if not module.training:
-        return ""
-    p = [m.p for m in module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
-    extra = getattr(module, "moe_token_dropout", 0) or 0
-    if p or extra > 0:
-        return ("training with dropout inside the block (p > 0): its captured backward would recompute the forward "
-                "with a different random mask; call model.eval() or set the dropout to 0 to capture it")
-    return ""
-
-
 def _patch(cls, kind: str, rank: int) -> None:
     if getattr(cls, "_moe_compile_block", None):
         return
@@ -84,7 +74,7 @@ def _patch(cls, kind: str, rank: int) -> None:
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if capture.ENABLED and torch.compiler.is_compiling() and scope.active():
+        if capture.ENABLED and torch.compiler.is_compiling() and scope.active() and type(self).forward is forward:
             call = _capturable(self, kind, rank, args, kwargs)
             if isinstance(call, str):
                 SKIPPED[type(self)] = call
@@ -102,7 +92,7 @@ def _capturable(module, kind, rank, args, kwargs):
     n = 1 if kind == "block" else 3
     if kwargs or len(args) != n or not all(isinstance(t, Tensor) for t in args):
         return f"called with arguments the capture does not carry (expects {n} positional tensors)"
-    why = _stochastic(module)
+    why = capture.uncapturable(module)
     if why:
         return why
     x = args[0]

@@ -12,7 +12,7 @@ is compiled exactly as torch would: same settings, no capture.
 
 If a frame fails to trace under those settings with a data-dependent error (a capacity computed as a 0-d tensor and
 used as ``F.one_hot(..., num_classes=capacity)`` becomes an unbacked size), the frame is traced again with torch's
-defaults, as plain ``torch.compile`` would, and :data:`fallbacks` records it (``explain`` reports it).
+defaults, as plain ``torch.compile`` would, and :data:`fallbacks` records it (the last 100).
 """
 from __future__ import annotations
 
@@ -89,12 +89,13 @@ def is_moe_backend(compiler_fn) -> bool:
 
 
 def _data_dependent(err: BaseException) -> bool:
+    """Is ``err`` (or what caused it) a guard on a data-dependent size, the error the two settings can cause?"""
     from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, GuardOnDataDependentSymNode) or "data-dependent" in str(err).lower():
+        if isinstance(err, GuardOnDataDependentSymNode):
             return True
         err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
     return False
@@ -131,6 +132,7 @@ def install() -> None:
                 raise
             code = args[0] if args else kwargs.get("code")
             fallbacks.append(f"{getattr(code, 'co_name', code)}: {str(e).splitlines()[0][:200]}")
+            del fallbacks[:-100]
         with moe_scope(settings=False):
             return original(*args, **kwargs)
 

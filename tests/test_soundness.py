@@ -94,18 +94,10 @@ def test_zero_output_modulelist_inline(act, gated):
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "sigmoid"])
-def test_zero_output_undecorated_experts_module(act):
+@pytest.mark.parametrize("experts_cls", [LoopExperts, DecoratedLoopExperts])  # found inline / captured
+def test_zero_output_modulelist_experts_module(act, experts_cls):
     torch.manual_seed(1)
-    model = Net(MoELayer(LoopExperts(E, H, FF, act=act, gated=False), H, E, K), H)
-    _zero_outputs(model)
-    regions = _train_and_compare(model, _x((2, 5, H)))
-    assert regions[0].spec.activation == act
-
-
-@pytest.mark.parametrize("act", ["gelu", "relu", "sigmoid"])
-def test_zero_output_decorated_modulelist(act):
-    torch.manual_seed(2)
-    model = Net(MoELayer(DecoratedLoopExperts(E, H, FF, act=act, gated=False), H, E, K), H)
+    model = Net(MoELayer(experts_cls(E, H, FF, act=act, gated=False), H, E, K), H)
     _zero_outputs(model)
     regions = _train_and_compare(model, _x((2, 5, H)))
     assert regions[0].spec.activation == act
@@ -171,3 +163,70 @@ def test_proof_ignores_parameter_values():
     _zero_outputs(m)
     assert first.ok and detect_experts_module(m, top_k=K).spec == first.spec
     assert first.spec.activation == "relu"
+
+
+@moe_compile.experts
+class BufferScaledExperts(nn.Module):
+    """An MLP whose output is scaled by a buffer: what the fused op cannot carry, so it must not be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = LoopExperts(E, H, FF, act="relu", gated=False)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        return self.inner(hidden, topk_idx, topk_weights) * self.scale
+
+
+def test_buffer_values_never_decide_the_proof():
+    torch.manual_seed(7)
+    model = Net(MoELayer(BufferScaledExperts(), H, E, K), H)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe", options={"compiler": "aot_eager"})
+    x = torch.randn(2, 5, H)
+    compiled(x)
+    assert not any(r.fused and r.spec.expert_body == "mlp" for r in moe_compile.backend.last_regions)
+    model.moe.experts.scale.fill_(2.0)  # what a later step may do to a buffer
+    assert rel_err(compiled(x), model(x)) <= 1e-6
+
+
+@moe_compile.experts
+class DropoutExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = LoopExperts(E, H, FF, act="relu", gated=False)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, hidden, topk_idx, topk_weights):
+        return self.drop(self.inner(hidden, topk_idx, topk_weights))
+
+
+def test_experts_with_dropout_run_their_own_code():
+    torch.manual_seed(8)
+    model = Net(MoELayer(DropoutExperts(), H, E, K), H).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe", options={"compiler": "aot_eager"})
+    x = torch.randn(2, 5, H)
+    assert rel_err(compiled(x), model(x)) <= 1e-6
+    model.train()  # eval -> train: dropout must act in the compiled model as it does in eager
+    torch.manual_seed(0)
+    a = compiled(x)
+    torch.manual_seed(0)
+    b = model(x)
+    assert rel_err(a, b) <= 1e-6
+    # the decorated module is not captured (its inner loop may still fuse inline: the dropout is outside it)
+    assert count_op_calls(lambda: compiled(x), "moe_compile::experts_call") == 0
+
+
+def test_subclass_calling_super_forward_is_not_captured_twice():
+    class Doubled(DecoratedLoopExperts):
+        def forward(self, hidden, topk_idx, topk_weights):
+            return super().forward(2 * hidden, topk_idx, topk_weights)
+
+    torch.manual_seed(9)
+    model = Net(MoELayer(Doubled(E, H, FF), H, E, K), H)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe", options={"compiler": "aot_eager"})
+    x = torch.randn(2, 5, H)
+    (o0, g0), (o1, g1) = out_and_grads(model, x), out_and_grads(compiled, x)
+    assert rel_err(o1, o0) <= 1e-6 and not grads_equal(g0, g1, 1e-6)

@@ -58,17 +58,23 @@ class TitanMoE(nn.Module):
     """Router, tokens sorted by expert (argsort), grouped experts, un-sorted (scatter back), summed over k, plus a
     shared dense expert; the score scales the experts' output, or their input (``score_first``)."""
 
-    def __init__(self, E, H, Fd, k, score="softmax", expert_bias=False, score_first=False, shared=True):
+    def __init__(self, E, H, Fd, k, score="softmax", expert_bias=False, score_first=False, shared=True,
+                 track_counts=False):
         super().__init__()
         self.router = TopKRouter(H, E, k, score, expert_bias)
         self.experts = GroupedExperts(E, H, Fd)
         self.shared = nn.Sequential(nn.Linear(H, Fd), nn.SiLU(), nn.Linear(Fd, H)) if shared else None
         self.k, self.score_first = k, score_first
+        # torchtitan counts the tokens each expert got (for its load-balancing bias update): a side effect
+        self.register_buffer("tokens_per_expert", torch.zeros(E) if track_counts else None)
 
     def forward(self, x):
         B, S, H = x.shape
         x = x.view(-1, H)
         top, idx, counts = self.router(x)
+        if self.tokens_per_expert is not None:
+            with torch.no_grad():
+                self.tokens_per_expert.add_(counts)
         order = torch.argsort(idx.view(-1), stable=True)
         scores = top.view(-1)[order]
         xs = x[order // self.k]
@@ -217,6 +223,20 @@ def test_titan_score_after(score, expert_bias, shared):
     assert regions[0].module_path == "blocks.0" and not spec.score_on_input
     assert (spec.num_experts, spec.top_k, spec.activation, spec.gate_layout) == (4, 2, "silu", "separate")
     assert spec.router.score == score
+
+
+def test_titan_with_token_counts_buffer():
+    """torchtitan's ``tokens_per_expert.add_(counts)`` stays in the graph beside the fused experts."""
+    torch.manual_seed(0)
+    model = Net(8, TitanMoE(4, 8, 12, 2, "sigmoid", expert_bias=True, track_counts=True))
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="moe", options={"compiler": "aot_eager"})
+    for x in X:
+        _equal(eager, compiled, x)  # one forward and backward of each copy
+        assert [r.fused for r in moe_compile.backend.last_regions] == [True], moe_compile.backend.last_regions
+        assert torch.equal(model.blocks[0].tokens_per_expert, eager.blocks[0].tokens_per_expert)
+    assert float(eager.blocks[0].tokens_per_expert.sum()) == 2 * (10 + 12)  # k choices of every token
 
 
 def test_titan_score_before_experts():

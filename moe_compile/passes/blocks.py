@@ -76,13 +76,7 @@ _MATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDi
 
 
 def _call(module, params64, *args):
-    old = capture.ENABLED
-    capture.ENABLED = False
-    try:
-        with torch.no_grad():
-            return torch.func.functional_call(module, params64, args, strict=False)
-    finally:
-        capture.ENABLED = old
+    return capture.run_own_code(module, params64, args)
 
 
 def _x(T: int, H: int, g):

@@ -217,13 +217,7 @@ def random_parameters(params: dict[str, torch.Tensor], seed: int) -> dict[str, t
 
 
 def _module_output(module, params64, x, idx, w):
-    old = capture.ENABLED
-    capture.ENABLED = False
-    try:
-        with torch.no_grad():
-            return torch.func.functional_call(module, params64, (x, idx, w), strict=False)
-    finally:
-        capture.ENABLED = old
+    return capture.run_own_code(module, params64, (x, idx, w))
 
 
 def _fused_output(spec: MoESpec, slots, params64, x, idx, w):
@@ -354,14 +348,13 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
     E, k = len(experts), max(1, min(top_k, len(experts)))
     pattern = f"dispatch + combine around {E} experts of your own code"
     with unset_fake_temporarily():
-        buffers = {n: b.to(torch.float64) if b.is_floating_point() else b for n, b in module.named_buffers()}
         worst = 0.0
         cases = [(draw, kk, seed) for draw in range(PARAM_DRAWS) for seed, kk in ((0, k), (1, min(E, k + 1)))]
         for draw, kk, seed in cases:
             m64 = random_parameters(params, draw)
             x, idx, w = random_routing(E, kk, H, first.device, seed=seed)
             try:
-                ref = _module_output(module, {**m64, **buffers}, x, idx, w)
+                ref = _module_output(module, m64, x, idx, w)
                 old = capture.ENABLED
                 capture.ENABLED = False
                 try:

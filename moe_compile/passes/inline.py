@@ -126,6 +126,12 @@ def _in_place(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is operator.setitem
 
 
+def _updates_state(n: fx.Node, params: set[fx.Node]) -> bool:
+    """An in-place write into a graph input other than the experts' weights (a buffer of the module)."""
+    target = n.args[0] if n.args else None
+    return _in_place(n) and isinstance(target, fx.Node) and target.op == "placeholder" and target not in params
+
+
 def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
     """Drop what neither depends on the seeds nor feeds what does (a shared expert beside the routed ones)."""
     dep = _depends(region, seeds)
@@ -368,9 +374,11 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
 
 def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     """Prove ``region`` and replace it by the fused op: ``(spec, "")``, or ``(None, reason)`` leaving it as is."""
+    params = set(names.values())
+    # in-place updates of module state (torchtitan's tokens_per_expert.add_(counts)) stay in the graph, as they are
+    region = [n for n in region if not _updates_state(n, params)]
     inside = set(region)
     checks = _checks(region)
-    params = set(names.values())
     ext = []
     for n in region:
         if n in checks:
@@ -388,7 +396,8 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     w = next((a for a in floats if example_value(a).dim() == 2 and example_value(a).shape == example_value(idx).shape), None)
     x = next((a for a in floats if a is not w), None)
     dep = _depends(region, params | {idx, w})
-    outputs = [n for n in region if n in dep and n not in checks and any(u not in inside for u in n.users)]
+    outputs = [n for n in region if n in dep and n not in checks
+               and any(u not in inside and not _updates_state(u, params) for u in n.users)]
     if len(outputs) != 1:
         return None, f"the region has {len(outputs)} outputs, not one hidden [T, H]"
     out = outputs[0]

@@ -51,6 +51,8 @@ def inline_identity_functions(gm: fx.GraphModule) -> int:
         if node.op != "call_function" or apply is None or node.target is not apply or len(node.args) != 3:
             continue
         fwd, bwd, x = node.args
+        if any(v not in (None, [], (), False) for v in node.kwargs.values()):
+            continue  # non-differentiable or dirty outputs, saved tensors: not a plain copy
         if not all(isinstance(b, fx.Node) and b.op == "get_attr" for b in (fwd, bwd)) or not isinstance(x, fx.Node):
             continue
         if not (_copy_of_input(getattr(gm, fwd.target)) and _copy_of_input(getattr(gm, bwd.target))):
