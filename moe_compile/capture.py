@@ -237,7 +237,9 @@ def install_hf_capture() -> bool:
 
 
 def _hf_captured(fn, module, *args, **kwargs):
-    """HF's experts implementation ``fn`` for ``module``, captured unless the module cannot be (``uncapturable``)."""
-    if uncapturable(module):
+    """HF's experts implementation ``fn`` for ``module``, captured unless the module cannot be (``uncapturable``),
+    or the instance's own forward is not HF's wrapper (a subclass's forward calling it through ``super()`` has
+    transformed the arguments already, and the captured op reruns the whole module)."""
+    if uncapturable(module) or getattr(type(module).forward, "__wrapped__", None) is None:
         return fn(module, *args, **kwargs)
     return captured_call(module, *bind_experts_args(type(module).forward, module, args, kwargs))

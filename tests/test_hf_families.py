@@ -54,7 +54,7 @@ def tiny(family: str, seed: int = 0):
 
 BLOCKS = {  # family: (MoE blocks in the tiny model, fused?)
     "switch_transformers": (2, True), "nllb_moe": (2, True), "dbrx": (2, True), "jetmoe": (2, True),
-    "llama4": (2, False),
+    "llama4": (2, True),
 }
 
 

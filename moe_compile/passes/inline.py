@@ -8,7 +8,9 @@ loop. ``fuse_inline_experts(gm)``:
 2. takes the region: the nodes of the module that holds the list, minus the router (the top-k, what it depends on,
    and what is computed from the top-k values alone, such as renormalisation), minus trailing reshapes;
 3. requires the region's inputs to be exactly hidden ``[T, H]``, expert ids ``[T, k]`` (integer), routing weights
-   ``[T, k]`` and the experts' parameters, and its output one ``[T, H]`` tensor;
+   ``[T, k]`` and the experts' parameters (or hidden and dense ``[T, E]`` scores, Llama-4: then ``k = E``), and its
+   output one ``[T, H]`` tensor; in-place updates of module buffers (torchtitan's token counts) and a shared expert
+   the routed output is added into stay outside the region;
 4. runs the region itself, extracted as a graph, in float64 as the reference for ``detect.prove``;
 5. replaces the region with ``moe_compile::experts`` when the proof holds; otherwise leaves it and says why.
 """
@@ -24,6 +26,7 @@ import torch.fx as fx
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
 from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists, extract_region,
                     is_op, live_value, param_path, stack_paths, weight_refs)
+from ..spec import RouterSpec
 from .router import describe_router
 
 _MODULES = re.compile(r"\._modules\['([^']+)'\]")
@@ -81,15 +84,24 @@ def example_value(node):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
-def _router(nodes: list[fx.Node], list_path: str | None) -> set[fx.Node]:
+def _router(nodes: list[fx.Node], list_path: str | None, parent: str = "") -> set[fx.Node]:
     """The top-k, what it depends on, and what is computed from the top-k values alone (renormalisation, scaling,
-    or ``scores.gather(1, idx)`` when a selection-only bias picked the experts)."""
+    or ``scores.gather(1, idx)`` when a selection-only bias picked the experts); inside a router module of its own
+    (below ``parent``), every float it computes from the router alone (Llama-4's dense ``[T, E]`` scores)."""
     topks = [n for n in nodes if is_op(n, "topk")]
     router: set[fx.Node] = set()
     from_topk: set[fx.Node] = set()
     for t in topks:
         router |= set(ancestors_of(t)) | {t} | set(t.users)
         from_topk |= {t} | set(t.users)
+    own = {stack_paths(t)[-1] for t in topks if stack_paths(t) and stack_paths(t)[-1] != parent}
+    for n in nodes:
+        out = example_value(n)
+        if (stack_paths(n) and stack_paths(n)[-1] in own and n not in router and n.all_input_nodes
+                and all(a in router for a in n.all_input_nodes) and isinstance(out, torch.Tensor)
+                and out.is_floating_point()):
+            router.add(n)
+            from_topk.add(n)
     for n in nodes:
         if n in router or (list_path and list_path in " ".join(stack_paths(n))):
             continue
@@ -144,7 +156,7 @@ def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
 
 def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node]):
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in stack_paths(n)]
-    router, from_topk = _router(nodes, list_path)
+    router, from_topk = _router(nodes, list_path, parent)
     region = [n for n in nodes if n not in router]
     inside = set(region)
     # size arithmetic on tensors from outside (x.shape for a final reshape) is not the experts' work
@@ -168,6 +180,9 @@ def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node
             region.remove(n)
         elif is_op(n, "add", "__add__") and len(n.all_input_nodes) == 2 and sum(a in dep for a in n.all_input_nodes) == 1:
             region = _prune([m for m in region if m is not n], seeds)
+        elif (len(adds := [m for m in region if is_op(m, "add_") and m.args[0] is n and len(m.all_input_nodes) == 2])
+              == 1 and not any(a in dep for a in n.all_input_nodes)):
+            region = _prune([m for m in region if m is not adds[0]], seeds)  # ``shared(x).add_(routed)`` stays
         else:
             break
     return region
@@ -389,6 +404,8 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     tensors = [a for a in ext if isinstance(example_value(a), torch.Tensor)]
     ints = [a for a in tensors if not example_value(a).is_floating_point()]
     floats = [a for a in tensors if example_value(a).is_floating_point()]
+    if cands and len(tensors) == 2 and not ints:
+        return _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks)
     if len(tensors) != 3 or len(ints) != 1 or len(floats) != 2:
         return None, (f"the region's inputs are not (hidden, expert ids, routing weights): {len(ints)} integer and "
                       f"{len(floats)} float tensor inputs")
@@ -430,6 +447,62 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     router, _ = describe_router(x, idx, w)
     spec = with_top_k(match.spec, k, router)
     if rewrite:
+        _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
+    return spec, ""
+
+
+def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
+    """A region over hidden ``x [T, H]`` and dense scores ``s [T, E]`` (every expert weighted, Llama-4): the fused
+    op with ``k = E``, expert ids ``0..E-1`` on every token and the scores as weights, when proven."""
+    E = cands[0].spec_kw["num_experts"]
+    H = cands[0].spec_kw["hidden"]
+    xs = [a for a in floats if example_value(a).dim() == 2 and example_value(a).shape[-1] == H]
+    ss = [a for a in floats if a not in xs and example_value(a).dim() == 2 and E in tuple(example_value(a).shape)]
+    if len(xs) != 1 or len(ss) != 1:
+        return None, "the region's inputs are neither (hidden, expert ids, routing weights) nor (hidden, [T, E] scores)"
+    x, s = xs[0], ss[0]
+    T = example_value(x).shape[0]
+    transposed = tuple(example_value(s).shape) != (T, E)  # the scores held as [E, T]
+    if transposed and tuple(example_value(s).shape) != (E, T):
+        return None, "the scores are neither [tokens, experts] nor [experts, tokens]"
+    inside, params = set(region), set(names.values())
+    dep = _depends(region, params | {s})
+    outputs = [n for n in region if n in dep and n not in checks
+               and any(u not in inside and not _updates_state(u, params) for u in n.users)]
+    if len(outputs) != 1 or tuple(example_value(outputs[0]).shape) != tuple(example_value(x).shape):
+        return None, "the region does not map hidden [T, H] with scores [T, E] to one [T, H] output"
+    out = outputs[0]
+    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    sub = extract_region(region, [x, s, *names.values()], out)
+    order = list(names)
+
+    def reference(params64, xx, ii, ww):  # ids 0..E-1 in order on every token: the scores are the weights
+        return sub(xx, ww.t() if transposed else ww, *[params64[n] for n in order])
+
+    device = next(iter(live.values())).device
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        probes = []
+        for px, _, pw in _probes(E, E, H, _token_counts(x), device):
+            pw = pw * (torch.rand(pw.shape, generator=torch.Generator().manual_seed(3)) < 0.6).to(pw)  # some zeros
+            probes.append((px, torch.arange(E, device=device).expand(px.shape[0], E), pw))
+    match = prove(_with_score_on_input(cands), live, reference, E, pattern, probes=probes)
+    if not match.ok:
+        return None, match.reason
+    spec = with_top_k(match.spec, E, RouterSpec(score="sigmoid" if any(is_op(n, "sigmoid") for n in ancestors_of(s))
+                                                else "unknown", order="topk->score"))
+    if rewrite:
+        with gm.graph.inserting_after(_insert_point(gm, [x, s])):
+            n_tok = gm.graph.call_method("size", (x, 0))
+        with gm.graph.inserting_after(n_tok):
+            ar = gm.graph.call_function(torch.arange, (E,), {"device": device})
+        with gm.graph.inserting_after(ar):
+            idx = gm.graph.call_method("expand", (ar, n_tok, E))
+        w = s
+        if transposed:
+            with gm.graph.inserting_after(idx):
+                w = gm.graph.call_method("t", (s,))
         _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
     return spec, ""
 
