@@ -79,9 +79,9 @@ def _call(module, params64, *args):
     return capture.run_own_code(module, params64, args)
 
 
-def _x(T: int, H: int, g):
+def _x(T: int, H: int, g, device):
     scale = torch.exp(torch.empty(T, 1, dtype=torch.float64).uniform_(-2.0, 2.0, generator=g))
-    return torch.randn(T, H, generator=g, dtype=torch.float64) * scale
+    return (torch.randn(T, H, generator=g, dtype=torch.float64) * scale).to(device)
 
 
 def _expert_children(module):
@@ -145,13 +145,13 @@ def _prove_flat(module, params, reference, k, pattern, probes):
     return best, None
 
 
-def _index_probes(E, k, H, dropped: bool):
+def _index_probes(E, k, H, dropped: bool, device):
     g = torch.Generator().manual_seed(7)
     out = []
     for T in (13, 17):
-        x = _x(T, H, g)
+        x = _x(T, H, g, device)
         idx = torch.randint(0, E + 1 if dropped else E, (T, k), generator=g)
-        out.append((x, idx, torch.rand(T, k, generator=g, dtype=torch.float64)))
+        out.append((x, idx.to(device), torch.rand(T, k, generator=g, dtype=torch.float64).to(device)))
     return out
 
 
@@ -169,6 +169,7 @@ def match_block(module, kind: str, a_shape: tuple, H: int):
 
 def _match(module, kind, a_shape, H):
     params = {n: p for n, p in module.named_parameters()}
+    device = next(iter(params.values())).device  # probes where the parameters (and their random draws) live
     rank = type(module)._moe_compile_block[1]
 
     def shaped(x):  # probe inputs [T, H] in the rank the class is called with
@@ -187,11 +188,11 @@ def _match(module, kind, a_shape, H):
             return ExpertsMatch(None, reason=why, pattern=pattern), None, None
         g, probes, orig = torch.Generator().manual_seed(5), [], {}
         for T in (13, 17):
-            mask = (torch.rand(T, kk, E, generator=g) < 0.4).long()
-            wj = torch.rand(T, kk, generator=g, dtype=torch.float64)
+            mask = (torch.rand(T, kk, E, generator=g) < 0.4).long().to(device)
+            wj = torch.rand(T, kk, generator=g, dtype=torch.float64).to(device)
             idx, w = mask_to_topk(mask, wj)
             orig[id(idx)] = (mask, wj)
-            probes.append((_x(T, H, g), idx, w))
+            probes.append((_x(T, H, g, device), idx, w))
         match = prove(cands, params, lambda d, x, idx, w: _call(module, d, x, *orig[id(idx)]), kk * E, pattern,
                       act_hint=experts[0], probes=probes)
         return match, _recipe_of(match, params), None
@@ -215,13 +216,13 @@ def _match(module, kind, a_shape, H):
         else:
             pattern = "flattened [E*F, H] expert weights"
             E = _num_expert_hints(module, next(iter(params.values())).shape[0])[:1] or [1]
-            probes = _index_probes(E[0], k, H, dropped)
+            probes = _index_probes(E[0], k, H, dropped, device)
             match, recipe = _prove_flat(module, params, reference, k, pattern, probes)
             return match, _recipe_views(match, recipe, list(params)), None
         if not cands:
             return ExpertsMatch(None, reason=why, pattern=pattern), None, None
         E = cands[0].spec_kw["num_experts"]
-        probes = _index_probes(E, k, H, dropped)
+        probes = _index_probes(E, k, H, dropped, device)
         match = prove(cands, params, reference, k, pattern, act_hint=experts[0] if experts else module, probes=probes)
         return match, _recipe_of(match, params), None
 
@@ -248,7 +249,7 @@ def _match(module, kind, a_shape, H):
     for k in ks:
         probes, orig = [], {}
         for seed, T in enumerate((13, 17)):
-            x = _x(T, H, g)
+            x = _x(T, H, g, device)
             rnd = random_parameters(side, 100 + seed)
             idx, w = route_topk_softmax(x, rnd[rname], k)
             orig[id(idx)] = rnd
@@ -274,8 +275,9 @@ def _accepts_dropped(module, params, k, H, shaped) -> bool:
         if not E:
             return False
         d = random_parameters(params, 0)
-        _call(module, d, shaped(torch.randn(3, H, dtype=torch.float64)), torch.full((3, k), E),
-              torch.rand(3, k, dtype=torch.float64))
+        dev = next(iter(params.values())).device
+        _call(module, d, shaped(torch.randn(3, H, dtype=torch.float64, device=dev)),
+              torch.full((3, k), E, device=dev), torch.rand(3, k, dtype=torch.float64, device=dev))
         return True
     except Exception:  # noqa: BLE001 - the sentinel is not supported: probe ids in [0, E) only
         return False
