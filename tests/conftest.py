@@ -1,4 +1,16 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_worker_pools():
+    """The multi-process tests' worker pools end with the session (atexit does not run in xdist workers, which
+    left 4 spawned workers of ~600 MB each running after pytest exited)."""
+    yield
+    from moe_compile.parallel import testing
+
+    testing.close_shared()

@@ -5,12 +5,10 @@ zero output projection makes every activation look alike; identical experts; a z
 against eager, trained one SGD step (the compiled graph is not rebuilt: Dynamo does not guard on weight values), and
 checked again: a reading proven only on today's values would now differ from eager.
 """
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import moe_compile
 from helpers import count_op_calls, grads_equal, out_and_grads, rel_err

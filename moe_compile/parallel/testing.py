@@ -143,11 +143,12 @@ def shared_pool(world_size: int, timeout: float = 240.0) -> WorkerPool:
     if pool is None or pool.closed:
         pool = _SHARED[world_size] = WorkerPool(world_size, timeout=timeout)
         if len(_SHARED) == 1:
-            atexit.register(_close_shared)
+            atexit.register(close_shared)
     return pool
 
 
-def _close_shared() -> None:
+def close_shared() -> None:
+    """Close every shared pool (the test session does at its end: atexit does not run in xdist workers)."""
     for pool in _SHARED.values():
         pool.close()
 

@@ -152,7 +152,7 @@ _CHECKS = ("_assert_scalar", "_check", "_check_is_size", "sym_constrain_range", 
            "_assert_async")
 
 
-def _checks(region: list[fx.Node]) -> set[fx.Node]:
+def size_checks(region: list[fx.Node]) -> set[fx.Node]:
     """Dynamo's runtime assertions on traced sizes and the size arithmetic that only they use: not the experts'
     work (erased with the region, left out of the reference, which runs at other sizes)."""
     checks = {n for n in region if is_op(n, *_CHECKS)}
@@ -193,7 +193,7 @@ def extract_region(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node
         env[node] = g.call_method("size", (env[inputs[pos]], dim))
         if factor != 1:
             env[node] = g.call_function(operator.mul, (env[node], factor))
-    checks = _checks(region)
+    checks = size_checks(region)
     for n in region:
         if n in checks:
             continue

@@ -17,7 +17,6 @@ loop. ``fuse_inline_experts(gm)``:
 from __future__ import annotations
 
 import operator
-import re
 from collections import defaultdict
 
 import torch
@@ -25,63 +24,11 @@ import torch.fx as fx
 
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
 from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists, extract_region,
-                    is_op, live_value, param_path, stack_paths, weight_refs)
+                    is_op, live_value, param_path, size_checks, stack_paths, weight_refs)
 from ..spec import RouterSpec
 from .router import describe_router
 
-_MODULES = re.compile(r"\._modules\['([^']+)'\]")
-_PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
 _SHAPE_OPS = ("reshape", "view", "view_as", "contiguous")
-
-
-def param_path(node: fx.Node):
-    ga = node.meta.get("grapharg")
-    if node.op != "placeholder" or ga is None:
-        return None
-    m = _PARAM.match(_MODULES.sub(r".\1", ga.source.name))
-    return (m.group(1), m.group(2)) if m else None  # ("L['self'].moe.experts.0.w1", "weight")
-
-
-def expert_lists(gm: fx.GraphModule):
-    """{list path: {expert index: {layer path: {"weight"|"bias": placeholder}}}} for ModuleLists of experts."""
-    lists = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
-    for node in gm.graph.nodes:
-        pp = param_path(node)
-        if pp is None:
-            continue
-        mod, pname = pp
-        # every numeric component may be the list's index (model.layers.0.mlp.experts.3.w1 -> two candidates)
-        for m in re.finditer(r"\.(\d+)(?=\.|$)", mod):
-            lists[mod[: m.start()]][int(m.group(1))][mod[m.end() + 1:]][pname] = node
-    return {k: v for k, v in lists.items() if sorted(v) == list(range(len(v))) and _looks_like_experts(v)}
-
-
-def _looks_like_experts(experts) -> bool:
-    """Every element is 2 or 3 linear layers (2D weight, optional 1D bias) with the same names (decoder-layer
-    lists and the like are not experts, and are not reported)."""
-    names = {tuple(sorted(e)) for e in experts.values()}
-    if len(names) != 1 or len(next(iter(names))) not in (2, 3):
-        return False
-    for e in experts.values():
-        for ps in e.values():
-            w, b = ps.get("weight"), ps.get("bias")
-            if w is None or set(ps) - {"weight", "bias"} or live_value(w).dim() != 2:
-                return False
-            if b is not None and live_value(b).dim() != 1:
-                return False
-    return True
-
-
-def live_value(placeholder: fx.Node) -> torch.Tensor:
-    return placeholder.meta["grapharg"].example
-
-
-def stack_paths(node: fx.Node) -> list[str]:
-    return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
-
-
-def example_value(node):
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _router(nodes: list[fx.Node], list_path: str | None, parent: str = "") -> set[fx.Node]:
@@ -186,66 +133,6 @@ def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node
         else:
             break
     return region
-
-
-_CHECKS = ("_assert_scalar", "_check", "_check_is_size", "sym_constrain_range", "sym_constrain_range_for_size",
-           "_assert_async")
-
-
-def _checks(region: list[fx.Node]) -> set[fx.Node]:
-    """Dynamo's runtime assertions on traced sizes and the size arithmetic that only they use: not the experts'
-    work (erased with the region, left out of the reference, which runs at other sizes)."""
-    checks = {n for n in region if is_op(n, *_CHECKS)}
-    for n in reversed(region):
-        if n not in checks and n.users and not isinstance(example_value(n), torch.Tensor) and all(u in checks for u in n.users):
-            checks.add(n)
-    return checks
-
-
-def _grouped_mm_any(a, b, offs=None, bias=None, out_dtype=None):
-    """``torch._grouped_mm`` for the reference: float64 (which it refuses) runs as one matmul per group."""
-    if a.dtype != torch.float64 or offs is None or bias is not None or a.dim() != 2 or b.dim() != 3:
-        return torch._grouped_mm(a, b, offs=offs, bias=bias, out_dtype=out_dtype)
-    ends = offs.tolist()
-    parts = [a[s:e] @ b[g] for g, (s, e) in enumerate(zip([0] + ends[:-1], ends))]
-    return torch.cat(parts) if parts else a.new_zeros(0, b.shape[-1])
-
-
-def _identity_cast(n: fx.Node, work: torch.dtype) -> bool:
-    """A float cast that is exact (to the same or a wider float type) or back to the block's working dtype
-    ``work`` (rounding the fused op does in that dtype too): an identity in the float64 reference."""
-    if not is_op(n, "to", "float", "type", "type_as", "half", "bfloat16", "double"):
-        return False
-    src, out = example_value(n.args[0]) if n.args else None, example_value(n)
-    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.device == out.device
-            and src.is_floating_point() and out.is_floating_point()):
-        return False
-    a, b = torch.finfo(src.dtype), torch.finfo(out.dtype)
-    return out.dtype in (src.dtype, work) or (b.bits >= a.bits and b.eps <= a.eps and b.max >= a.max)
-
-
-def extract_region(region: list[fx.Node], inputs: list[fx.Node], output: fx.Node, sizes=None) -> fx.GraphModule:
-    """The region as a graph over ``inputs``; ``sizes`` maps external size nodes to ``(input position, dim,
-    factor)``: ``inputs[pos].size(dim) * factor`` at run time."""
-    g = fx.Graph()
-    env = {n: g.placeholder(f"in{i}") for i, n in enumerate(inputs)}
-    for node, (pos, dim, factor) in (sizes or {}).items():
-        env[node] = g.call_method("size", (env[inputs[pos]], dim))
-        if factor != 1:
-            env[node] = g.call_function(operator.mul, (env[node], factor))
-    checks = _checks(region)
-    for n in region:
-        if n in checks:
-            continue
-        if _identity_cast(n, example_value(inputs[0]).dtype):
-            env[n] = env[n.args[0]]
-        elif n.op == "call_function" and n.target is torch._grouped_mm:
-            env[n] = g.call_function(_grouped_mm_any, tuple(fx.map_arg(n.args, lambda a: env[a])),
-                                     dict(fx.map_arg(n.kwargs, lambda a: env[a])))
-        else:
-            env[n] = g.node_copy(n, lambda a: env[a])
-    g.output(env[output])
-    return fx.GraphModule(torch.nn.Module(), g)
 
 
 def _size_inputs(ext: list[fx.Node], x: fx.Node, idx: fx.Node):
@@ -393,7 +280,7 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     # in-place updates of module state (torchtitan's tokens_per_expert.add_(counts)) stay in the graph, as they are
     region = [n for n in region if not _updates_state(n, params)]
     inside = set(region)
-    checks = _checks(region)
+    checks = size_checks(region)
     ext = []
     for n in region:
         if n in checks:
