@@ -321,3 +321,18 @@ def test_titan_inductor():
     torch.manual_seed(0)
     check_fused(Net(8, TitanMoE(4, 8, 12, 2, "sigmoid", expert_bias=True, score_first=True)), X[:1],
                 compiler="inductor")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Net(8, TitanMoE(4, 8, 12, 2, "sigmoid", expert_bias=True, track_counts=True),
+                TitanMoE(6, 8, 4, 3, score_first=True)),
+    lambda: Net(8, GatherSumMoE(4, 8, 12, 2)),
+    lambda: Net(8, SortSplitMoE(4, 8, 12, 2)),
+], ids=["titan", "gather_sum", "sort_split"])
+def test_explain_lists_each_block_once_fused(make):
+    torch.manual_seed(0)
+    model = make()
+    report = moe_compile.explain(model, X[0])
+    assert [(r.module_path, r.fused) for r in report.regions] == [
+        (f"blocks.{i}", True) for i in range(len(model.blocks))], str(report)
+    assert report.graph_breaks == 0, str(report)
