@@ -18,7 +18,7 @@ from ..spec import RouterSpec
 from .detect import (SLOTS, ExpertsMatch, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
 from ..capture_blocks import BLOCK_CALL
-from .graph import EXPERTS, FUSED_TARGETS, Region, clean_path, module_path
+from .graph import EXPERTS, FUSED_TARGETS, Region, captured_calls, clean_path, module_path
 from .router import describe_router
 
 
@@ -303,11 +303,7 @@ def _example(n):
 
 def fuse_block_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
     regions = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not BLOCK_CALL:
-            continue
-        x, a, b, params, key = node.args
-        module = capture.module_for(key)
+    for node, (x, a, b, params, key), module in captured_calls(gm, BLOCK_CALL):
         kind = type(module)._moe_compile_block[0]
         path = module_path(node)
         xv, av = _example(x), _example(a)

@@ -8,9 +8,8 @@ import weakref
 
 import torch.fx as fx
 
-from .. import capture
 from .detect import SLOTS, recognise_module, with_top_k
-from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, module_path
+from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, captured_calls, module_path
 from .router import describe_router
 
 
@@ -27,11 +26,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> 
 
 def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
     regions = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not EXPERTS_CALL:
-            continue
-        x, idx, w, params, key = node.args
-        module = capture.module_for(key)
+    for node, (x, idx, w, params, key), module in captured_calls(gm, EXPERTS_CALL):
         path = module_path(node)
         val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
         k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .. import capture
 from ..spec import MoESpec
 
 EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
@@ -53,6 +54,14 @@ def weight_refs(placeholders) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def captured_calls(gm: fx.GraphModule, target):
+    """``(node, args, module)`` for every call of a keyed capture op ``target`` (``args`` = its ``(x, a, b,
+    params, key)``, ``module`` the live module behind ``key``), in graph order, safe to rewrite while iterating."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is target:
+            yield node, node.args, capture.module_for(node.args[4])
+
+
 def is_op(node: fx.Node, *names: str) -> bool:
     """Does ``node`` call one of the ops ``names`` in any of Dynamo's spellings (function, method, aten)?"""
     if node.op == "call_method":
