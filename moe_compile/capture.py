@@ -15,6 +15,7 @@ mode, and under ``torch.compile`` with any other backend, these modules run exac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -52,20 +53,31 @@ def _call_module(module, params: list[Tensor], x, idx, w):
     return torch.func.functional_call(module, dict(zip(names, params)), (x, idx, w), strict=False)
 
 
-def run_own_code(module: torch.nn.Module, params: dict, args) -> Tensor:
-    """``module(*args)`` by its own code, uncaptured and without autograd, its parameters replaced by ``params`` and
-    its floating buffers by random values (what recognition proves against: nothing a later step can change, a
-    parameter's or a buffer's value, may decide the proof)."""
+def random_buffers(module: torch.nn.Module) -> dict[str, Tensor]:
+    """float64 random values for ``module``'s floating buffers, by name (what proofs run with instead of theirs)."""
     g = torch.Generator().manual_seed(12345)
-    buffers = {n: torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.device)
-               for n, b in module.named_buffers() if b.is_floating_point()}
+    return {n: torch.randn(b.shape, generator=g, dtype=torch.float64).to(b.device)
+            for n, b in module.named_buffers() if b.is_floating_point()}
+
+
+@contextlib.contextmanager
+def uncaptured():
+    """Run experts modules by their own code, uncaptured, and without autograd (what proofs compare against)."""
     global ENABLED
     old, ENABLED = ENABLED, False
     try:
         with torch.no_grad():
-            return torch.func.functional_call(module, {**buffers, **params}, tuple(args), strict=False)
+            yield
     finally:
         ENABLED = old
+
+
+def run_own_code(module: torch.nn.Module, params: dict, args) -> Tensor:
+    """``module(*args)`` by its own code, uncaptured and without autograd, its parameters replaced by ``params`` and
+    its floating buffers by random values (what recognition proves against: nothing a later step can change, a
+    parameter's or a buffer's value, may decide the proof)."""
+    with uncaptured():
+        return torch.func.functional_call(module, {**random_buffers(module), **params}, tuple(args), strict=False)
 
 
 def uncapturable(module: torch.nn.Module) -> str:

@@ -1,6 +1,7 @@
 """``moe_compile.explain``: what the backend would fuse in a model, and why anything is left alone."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -84,14 +85,8 @@ def _root_path(model: torch.nn.Module, region: Region) -> str | None:
     names = [n for n, p in model.named_parameters() if id(p) in ids]
     if not names:
         return None
-    owners = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
-    common = owners[0].split(".")
-    for o in owners[1:]:
-        parts = o.split(".")
-        i = 0
-        while i < min(len(common), len(parts)) and common[i] == parts[i]:
-            i += 1
-        common = common[:i]
+    owners = [n.split(".")[:-1] for n in names]
+    common = os.path.commonprefix(owners)  # works on lists: the longest common run of path components
     while common and isinstance(model.get_submodule(".".join(common)), (torch.nn.ModuleList, torch.nn.ModuleDict)):
         common = common[:-1]  # a list of experts: the block is the module that holds it
     return ".".join(common) or "<top>"

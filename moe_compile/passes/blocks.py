@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import capture, capture_blocks
 from ..spec import RouterSpec
-from .detect import (SLOTS, ExpertsMatch, module_layers, stacked_candidates, layer_candidates, prove,
+from .detect import (SLOTS, ExpertsMatch, cached_proof, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
 from ..capture_blocks import BLOCK_CALL
 from .graph import EXPERTS, FUSED_TARGETS, Region, captured_calls, clean_path, module_path
@@ -72,9 +72,6 @@ FUSED_TARGETS.extend([BLOCK_CALL, fused_block])
 
 
 # --------------------------------------------------------------------------------------------- proofs
-_MATCHES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
 def _call(module, params64, *args):
     return capture.run_own_code(module, params64, args)
 
@@ -157,14 +154,13 @@ def _index_probes(E, k, H, dropped: bool, device):
 
 def match_block(module, kind: str, a_shape: tuple, H: int):
     """``(ExpertsMatch, recipe, router)`` for a captured module, cached per module and call shape."""
-    key = (kind, a_shape, H, tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
-    cache = _MATCHES.setdefault(module, {})
-    if key not in cache:
+    def prove_it():
         try:
-            cache[key] = _match(module, kind, a_shape, H)
+            return _match(module, kind, a_shape, H)
         except Exception as e:  # noqa: BLE001 - reported, the module keeps running its own code
-            cache[key] = (ExpertsMatch(None, reason=f"probing the block failed: {e}", pattern=kind), None, None)
-    return cache[key]
+            return ExpertsMatch(None, reason=f"probing the block failed: {e}", pattern=kind), None, None
+
+    return cached_proof(module, ("block", kind, a_shape, H), prove_it)
 
 
 def _match(module, kind, a_shape, H):

@@ -340,7 +340,6 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
     params = dict(module.named_parameters())
     if not params or not all(p.dtype.is_floating_point for p in params.values()):
         return ExpertsMatch(None, reason="expert parameters are missing or not floating point")
-    names = list(params)
     first = next(iter(params.values()))
     H = hidden
     if H is None:
@@ -351,17 +350,12 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
         worst = 0.0
         cases = [(draw, kk, seed) for draw in range(PARAM_DRAWS) for seed, kk in ((0, k), (1, min(E, k + 1)))]
         for draw, kk, seed in cases:
-            m64 = random_parameters(params, draw)
+            m64 = {**capture.random_buffers(module), **random_parameters(params, draw)}  # both sides, the same
             x, idx, w = random_routing(E, kk, H, first.device, seed=seed)
             try:
                 ref = _module_output(module, m64, x, idx, w)
-                old = capture.ENABLED
-                capture.ENABLED = False
-                try:
-                    with torch.no_grad():
-                        got = run_user_experts(module, experts, names, [m64[n] for n in names], x, idx, w)
-                finally:
-                    capture.ENABLED = old
+                with capture.uncaptured():
+                    got = run_user_experts(module, experts, list(m64), list(m64.values()), x, idx, w)
             except Exception as e:  # noqa: BLE001 - reported, module left alone
                 return ExpertsMatch(None, reason=f"probing the experts failed: {e}", pattern=pattern)
             worst = max(worst, _relative_error(got, ref))
@@ -379,16 +373,22 @@ on their values (it runs on random parameters), so an optimizer step cannot make
 goes with the module (no id() that a later module could reuse)."""
 
 
+def cached_proof(module: torch.nn.Module, key: tuple, prove_it):
+    """``prove_it()`` once per live module and ``key``, which is extended with the module's class, forward and
+    parameter names, shapes and dtypes (what a proof on random values depends on)."""
+    key = (type(module), type(module).forward, *key,
+           tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
+    cache = _MATCHES.setdefault(module, {})
+    if key not in cache:
+        cache[key] = prove_it()
+    return cache[key]
+
+
 def recognise_module(module: torch.nn.Module, top_k: int, hidden: int | None = None) -> ExpertsMatch:
     """The one recognition of an experts module (``forward(hidden, topk_idx, topk_weights)``), shared by the
     backend's passes and by ``moe_compile.parallelize``: MLP experts (``hidden`` None) or, given the hidden size,
     dispatch + combine around the user's own expert bodies. Cached per module."""
-    key = (type(module), type(module).forward, top_k, hidden,
-           tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters()))
-    cache = _MATCHES.setdefault(module, {})
-    if key not in cache:
-        if hidden is None:
-            cache[key] = detect_experts_module(module, top_k=top_k)
-        else:
-            cache[key] = detect_dispatch_combine(module, top_k=top_k, hidden=hidden)
-    return cache[key]
+    if hidden is None:
+        return cached_proof(module, ("mlp", top_k), lambda: detect_experts_module(module, top_k=top_k))
+    return cached_proof(module, ("user", top_k, hidden),
+                        lambda: detect_dispatch_combine(module, top_k=top_k, hidden=hidden))
