@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -25,11 +26,14 @@ import torch.distributed as dist
 from moe_compile.parallel import cost
 from moe_compile.parallel.layout import Layout
 
+# the gloo worker pool and toy models live with the tests (test support is not shipped in the wheel)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 
 # --------------------------------------------------------------------------------------------- part 1: measured
 def bench_worker(cfg: dict) -> dict:
     from moe_compile import parallel
-    from moe_compile.parallel import testing
+    import parallel_harness as testing
 
     torch.manual_seed(0)
     W = dist.get_world_size()
@@ -59,7 +63,7 @@ def bench_worker(cfg: dict) -> dict:
 
 
 def run_measured(args) -> list[dict]:
-    from moe_compile.parallel.testing import WorkerPool
+    from parallel_harness import WorkerPool
 
     cfg = dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts, k=args.k,
                steps=args.steps)

@@ -11,6 +11,6 @@ def _close_worker_pools():
     """The multi-process tests' worker pools end with the session (atexit does not run in xdist workers, which
     left 4 spawned workers of ~600 MB each running after pytest exited)."""
     yield
-    from moe_compile.parallel import testing
+    import parallel_harness as testing
 
     testing.close_shared()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_compile import parallel as mp_
-from moe_compile.parallel import testing
+import parallel_harness as testing
 
 TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def _w_mesh_without_ddp():
     model(x[4 * rank:4 * (rank + 1)]).pow(2).sum().backward()
     ref(x).pow(2).sum().backward()
     m = model.blocks[0].experts
-    want = mp_.api.local_from_full(m, {"gate_up": ref.blocks[0].experts.gate_up.grad,
+    want = mp_.checkpoint.local_from_full(m, {"gate_up": ref.blocks[0].experts.gate_up.grad,
                                        "down": ref.blocks[0].experts.down.grad})
     return (max(testing.rel(m.get_parameter(n).grad, v) for n, v in want.items()),
             "2 of 4 experts per rank, 2 replicas" in str(mp_.parallel_report(model)))
@@ -505,9 +505,9 @@ def _w_hf_aux(mode):
     errs["dense_grad"] = max(testing.rel(p.grad, grads[n], floor) for n, p in model.named_parameters()
                              if not mp_.is_expert_param(p))
     expert = 0.0
-    for path, m in mp_.api._modules(model):
+    for path, m in mp_.tags.parallel_modules(model):
         full = {n: grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
-        for n, v in mp_.api.local_from_full(m, full).items():
+        for n, v in mp_.checkpoint.local_from_full(m, full).items():
             expert = max(expert, testing.rel(m.get_parameter(n).grad, v, floor))
     errs["expert_grad"] = expert
     # the aux term is in the loss and has a gradient (through the routers)

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 import moe_compile
 from moe_compile import parallel as mp_
 from moe_compile.codegen.cpu import Weights
-from moe_compile.parallel import cost, dispatch, testing
+from moe_compile.parallel import cost, dispatch
+import parallel_harness as testing
 from moe_compile.parallel.layout import Layout, ParallelError
 
 TOL = 1e-5
@@ -85,7 +86,7 @@ def test_dispatch_rows_cover_every_choice():
 
 
 def test_ranks_per_node_from_torchrun_numbering():
-    from moe_compile.parallel.api import _ranks_per_node
+    from moe_compile.parallel.setup import ranks_per_node as _ranks_per_node
 
     assert _ranks_per_node([0, 1, 2, 3], 2) == (2, "")  # 2 nodes of 2
     assert _ranks_per_node([0, 1, 2, 3], 8) == (4, "")  # one node: flat
@@ -132,7 +133,7 @@ class _ArgsExperts(torch.nn.Module):
 
     def forward(self, *args):
         x, idx, w = args
-        return testing._loop_experts(x, idx, w, self._mlp)
+        return testing.loop_experts(x, idx, w, self._mlp)
 
 
 def test_example_inputs_find_experts_by_trace():

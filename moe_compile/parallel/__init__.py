@@ -8,25 +8,24 @@
 
 See ``docs/parallel.md``. Modules: ``layout`` (where weights live), ``dispatch`` (where tokens go), ``comm``
 (functional collectives, hierarchical all-to-all), ``cost`` (the auto mode's model), ``state`` (per-mode math),
-``op`` (the custom op), ``find`` (finding experts modules), ``api`` (the functions below).
+``op`` (the custom op), ``find`` (finding experts modules); the functions below: ``setup`` (``parallelize``:
+checks, sharding), ``modes`` (``set_parallel``), ``tags`` (expert parameters for DDP), ``checkpoint`` (state dicts at
+any world size), ``report``.
 """
 from __future__ import annotations
 
-from .api import (
-    ExpertParameter,
+from .checkpoint import (
     full_optim_state_dict,
     full_state_dict,
-    get_parallel,
-    is_expert_param,
     load_full_optim_state_dict,
     load_full_state_dict,
     load_sharded_state_dict,
-    parallel_report,
-    parallelize,
-    set_parallel,
-    set_rates,
     sharded_state_dict,
 )
+from .modes import get_parallel, set_parallel, set_rates
+from .report import parallel_report
+from .setup import parallelize
+from .tags import ExpertParameter, is_expert_param
 from .cost import INFINIBAND, NVLINK, Rates
 from .layout import ParallelError
 from .op import PARALLEL_EXPERTS

@@ -42,6 +42,9 @@ class Rates:
                 f"GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s")
 
 
+RATES: dict[tuple, Rates] = {}  # measured rates by (global ranks, ranks per node), once per process
+
+
 NVLINK = Rates(bandwidth=150e9, latency=3e-6, inter_bandwidth=150e9, inter_latency=3e-6, gemm_flops=600e12)
 """An H100/H200 node: NVLink all-to-all as DeepEP measures it, dense bf16 GEMMs (for projections)."""
 INFINIBAND = replace(NVLINK, inter_bandwidth=45e9, inter_latency=1.5e-5)

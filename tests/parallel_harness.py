@@ -1,4 +1,5 @@
-"""Multi-process harness and toy MoE models for the parallel tests and benchmark (gloo on CPU).
+"""Multi-process harness and toy MoE models for the parallel tests and benchmark (gloo on CPU): test support,
+not shipped in the wheel (the tests and benchmarks/bench_parallel.py put tests/ on sys.path).
 
 ``WorkerPool(W)`` starts ``W`` spawned processes once, joined in a gloo process group (rendezvous through a file,
 so no port is ever guessed), and runs module-level functions on all of them: ``pool.run(fn, *args)`` returns the
@@ -154,7 +155,7 @@ def close_shared() -> None:
 
 
 # --------------------------------------------------------------------------------------------- toy models
-def _loop_experts(x, idx, w, mlp):
+def loop_experts(x, idx, w, mlp):
     """The experts contract, one expert at a time (eager reference): ``mlp(e, rows) -> [rows, H]``."""
     out = torch.zeros_like(x)
     for e in range(int(idx.max()) + 1 if idx.numel() else 0):
@@ -194,7 +195,7 @@ class StackedExperts(nn.Module):
         return y + self.down_bias[e] if self.down_bias is not None else y
 
     def forward(self, x, topk_idx, topk_weights):
-        return _loop_experts(x, topk_idx, topk_weights, self._mlp)
+        return loop_experts(x, topk_idx, topk_weights, self._mlp)
 
 
 class MLP(nn.Module):
@@ -217,7 +218,7 @@ class ListExperts(nn.Module):
 
     def forward(self, x, topk_idx, topk_weights):
         n = len(self.experts)
-        return _loop_experts(x, topk_idx, topk_weights, lambda e, xs: self.experts[e](xs) if e < n else None)
+        return loop_experts(x, topk_idx, topk_weights, lambda e, xs: self.experts[e](xs) if e < n else None)
 
 
 def hf_experts(family: str, E: int, H: int, F: int):
@@ -321,7 +322,7 @@ def compare(case: dict) -> dict:
     """Run on every rank of a pool. ``case``: kind, E, H, F, k, layers, routing, capacity_factor, tokens (per
     rank), modes (one per step; the first is passed to parallelize), lr, seed, compile (None, "aot_eager",
     "inductor"), local_world_size. Returns {quantity: largest relative difference} plus facts for the tests."""
-    from . import api
+    from moe_compile import parallel as api
 
     rank, W = dist.get_rank(), dist.get_world_size()
     tokens = case["tokens"]
@@ -385,10 +386,10 @@ def compare(case: dict) -> dict:
                 continue
             dist.all_reduce(p.grad)  # dense: sum over ranks (what DDP does, up to its 1/W)
             note("dense_grad", rel(p.grad, ref_grads[n], floor), n)
-        for path, m in api._modules(par):
+        for path, m in api.tags.parallel_modules(par):
             pre = f"{path}."
             full = {n: ref_grads[pre + n] for s in m._moe_parallel.full_names.values() for n in s}
-            want = api.local_from_full(m, full)
+            want = api.checkpoint.local_from_full(m, full)
             for n, v in want.items():
                 got = m.get_parameter(n).grad
                 note("expert_grad", rel(got if got is not None else torch.zeros_like(v), v, floor), n)
@@ -406,8 +407,8 @@ def compare(case: dict) -> dict:
         api.load_full_state_dict(par, sd)
     facts["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     facts["ignored"] = list(par._ddp_params_and_buffers_to_ignore)
-    facts["hierarchical"] = [m._moe_parallel.stats.last_hierarchical for _, m in api._modules(par)]
-    facts["capacity"] = [m._moe_parallel.stats.capacity for _, m in api._modules(par)]
+    facts["hierarchical"] = [m._moe_parallel.stats.last_hierarchical for _, m in api.tags.parallel_modules(par)]
+    facts["capacity"] = [m._moe_parallel.stats.capacity for _, m in api.tags.parallel_modules(par)]
     return {"errors": errs, **facts}
 
 
@@ -471,7 +472,7 @@ def ddp_compare(case: dict) -> dict:
             torch.set_default_dtype(old_dtype)
     from torch.nn.parallel import DistributedDataParallel
 
-    from . import api
+    from moe_compile import parallel as api
 
     rank, W = dist.get_rank(), dist.get_world_size()
     T, micro = case["tokens"], case.get("micro", 1)
@@ -533,9 +534,9 @@ def ddp_compare(case: dict) -> dict:
             for n, p in par.named_parameters():
                 if not api.is_expert_param(p):
                     note("dense_grad", rel(p.grad, ref_grads[n], floor))  # DDP averaged it
-            for path, m in api._modules(par):
+            for path, m in api.tags.parallel_modules(par):
                 full = {n: ref_grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
-                for n, v in api.local_from_full(m, full).items():
+                for n, v in api.checkpoint.local_from_full(m, full).items():
                     note("expert_grad", rel(m.get_parameter(n).grad, v, floor))
             opt_ref.step()
             opt_par.step()

@@ -1,0 +1,62 @@
+"""``parallel_report``: what each parallelized experts module holds, runs and sends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .tags import parallel_states
+
+@dataclass
+class BlockReport:
+    path: str
+    experts: int
+    world: int
+    storage: str
+    mode: str
+    last: str | None
+    calls: dict[str, int]
+    estimate: dict[str, float]
+    bytes_sent: int
+    hierarchical: bool  # multi-node: hierarchical all-to-all available (and the default)
+    last_hierarchical: bool
+    capacity: int | None
+
+
+@dataclass
+class ParallelReport:
+    blocks: list[BlockReport] = field(default_factory=list)
+    rates: str = ""
+
+    def __str__(self) -> str:
+        if not self.blocks:
+            return "moe_compile.parallel: no parallelized experts modules"
+        lines = [f"moe_compile.parallel: {len(self.blocks)} experts module(s); rates {self.rates}"]
+        for b in self.blocks:
+            chosen = f"auto -> {b.last}" if b.mode == "auto" and b.last else (b.last or b.mode)
+            line = (f"  {b.path}: {b.storage}; mode {b.mode}, last call {chosen}; calls {b.calls}; "
+                    f"sent {b.bytes_sent / 1e6:.3f} MB; all-to-all "
+                    + (f"hierarchical available, last call {'hierarchical' if b.last_hierarchical else 'flat'}"
+                       if b.hierarchical else "flat"))
+            if b.capacity is not None:
+                line += f"; padded to capacity {b.capacity}"
+            if b.estimate:
+                line += "; auto estimate " + ", ".join(f"{m} {s * 1e3:.3f} ms" for m, s in b.estimate.items())
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def parallel_report(model: nn.Module) -> ParallelReport:
+    """What each parallelized experts module holds, the mode it runs, what ``auto`` chose and why, bytes sent."""
+    rep = ParallelReport()
+    for st in parallel_states(model):
+        lay = st.layout
+        storage = (f"{lay.El} of {lay.E} experts per rank" if lay.E >= lay.W
+                   else f"1/{lay.S} of one expert's hidden size ({lay.Fl} of {lay.F}) per rank")
+        if st.DP > 1:
+            storage += f", {st.DP} replicas"
+        rep.blocks.append(BlockReport(st.path, lay.E, lay.W, storage, st.mode, st.stats.last_mode,
+                                      dict(st.stats.calls), dict(st.stats.last_estimate), st.traffic.total,
+                                      st.a2a.hierarchical, st.stats.last_hierarchical, st.stats.capacity))
+        rep.rates = st.rates.describe()
+    return rep
