@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,25 @@ def _root_path(model: torch.nn.Module, region: Region) -> str | None:
 def _covered(path: str, regions) -> bool:
     return any(r.module_path == path or r.module_path.startswith(path + ".") or path.startswith(r.module_path + ".")
                for r in regions)
+
+
+def regions_of(module: torch.nn.Module, *args, **kwargs) -> list[Region]:
+    """The MoE regions the backend finds in ``module(*args, **kwargs)``, traced once by Dynamo as a moe frame and
+    run unfused (nothing rewritten). Unlike :func:`explain` it resets no Dynamo cache: it traces a copy of the
+    forward's code object, whose compiled entries die with it, so no other compiled code is touched or kept."""
+    forward = type(module).forward
+    code = forward.__code__.replace()  # a distinct code object: Dynamo's cache entries hang on it
+    copy = types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
+    copy.__kwdefaults__ = forward.__kwdefaults__
+    found: list[Region] = []
+
+    def collect(gm, example_inputs):
+        found.extend(fuse_moe(gm, rewrite=False))
+        return gm.forward
+
+    with moe_scope():
+        torch.compile(copy, backend=collect)(module, *args, **kwargs)
+    return found
 
 
 def explain(model, *args, **kwargs) -> Report:

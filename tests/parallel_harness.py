@@ -309,6 +309,54 @@ class ToyMoE(nn.Module):
         return x
 
 
+class InlineBlock(nn.Module):
+    """The most common hand-written MoE layer: router, ``nn.ModuleList`` of experts and the dispatch loop in one
+    forward (no experts module, no decorator), on ``[T, H]`` or ``[B, S, H]`` hidden states, residual."""
+
+    def __init__(self, E: int, H: int, F: int, k: int, gated: bool = True, bias: bool = False):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList((MLP(H, F, bias) if gated else
+                                      nn.Sequential(nn.Linear(H, F, bias=bias), nn.GELU(), nn.Linear(F, H, bias=bias)))
+                                     for _ in range(E))
+        self.top_k = k
+
+    def forward(self, hidden):
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return hidden + out.view(shape)
+
+
+class ToyInlineMoE(nn.Module):
+    def __init__(self, E: int = 4, H: int = 16, F: int = 8, k: int = 2, layers: int = 2, gated: bool = True,
+                 bias: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(H, H)
+        self.blocks = nn.ModuleList(InlineBlock(E, H, F, k, gated, bias) for _ in range(layers))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def toy_model(case: dict) -> nn.Module:
+    """``ToyMoE`` of ``case["kind"]`` experts, or ``ToyInlineMoE`` for kind ``"inline"`` (``"inline_bias"``:
+    ungated experts with biases)."""
+    kind, E, H, F, k = case.get("kind", "stacked"), case["E"], case.get("H", 16), case.get("F", 8), case.get("k", 2)
+    if kind.startswith("inline"):
+        return ToyInlineMoE(E, H, F, k, case.get("layers", 2), gated=kind == "inline", bias=kind == "inline_bias")
+    return ToyMoE(kind, E, H, F, k, case.get("layers", 2), case.get("routing", "router"), case.get("capacity_factor"))
+
+
 # --------------------------------------------------------------------------------------------- equivalence
 def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """Largest difference relative to ``b``'s largest magnitude (at least ``floor``)."""
@@ -328,8 +376,7 @@ def compare(case: dict) -> dict:
     tokens = case["tokens"]
     assert len(tokens) == W, (tokens, W)
     torch.manual_seed(case.get("seed", 0))
-    model = ToyMoE(case.get("kind", "stacked"), case["E"], case.get("H", 16), case.get("F", 8), case.get("k", 2),
-                   case.get("layers", 2), case.get("routing", "router"), case.get("capacity_factor"))
+    model = toy_model(case)
     ref = copy.deepcopy(model)
     par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0],
                           local_world_size=case.get("local_world_size"))
@@ -479,7 +526,7 @@ def ddp_compare(case: dict) -> dict:
     H = case.get("H", 16)
     ep = case.get("ep", W)
     torch.manual_seed(case.get("seed", 0))
-    model = ToyMoE(case.get("kind", "stacked"), case["E"], H, case.get("F", 8), case.get("k", 2), case.get("layers", 2))
+    model = toy_model({**case, "routing": "router", "capacity_factor": None})
     ref = copy.deepcopy(model)
     if ep < W:
         ep_group, dp_group, mesh = mesh_groups(ep, case.get("mesh", "device_mesh"))

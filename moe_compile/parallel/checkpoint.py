@@ -123,6 +123,8 @@ def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     for gi, g in enumerate(optimizer.param_groups):
         fqns: list[str] = []
         for p in g["params"]:
+            if getattr(p, "_moe_remote", False):  # another rank's expert, a placeholder: never stepped, no state
+                continue
             n = names.get(id(p))
             if n is None:
                 raise ParallelError("moe_compile.full_optim_state_dict: the optimizer holds a parameter that is not "
@@ -219,6 +221,8 @@ def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
     new_state, new_groups = {}, []
     for g, ig, fg in zip(optimizer.param_groups, indexed, osd["param_groups"]):
         for idx, p in zip(ig["params"], g["params"]):
+            if getattr(p, "_moe_remote", False):
+                continue
             n = names.get(id(p))
             if n is None:
                 raise ParallelError("moe_compile.load_full_optim_state_dict: the optimizer holds a parameter that "

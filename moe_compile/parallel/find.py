@@ -14,6 +14,13 @@ Found, in this order:
 Each candidate goes through ``passes.detect.recognise_module``, the recognition the backend uses (the same proof on
 random parameters, the same cache): that is what fills the spec and the parameter slots. A module found by its shape
 alone (three forward arguments and 3D weights, say) that is not proven to be experts is left alone, with a note.
+
+4. blocks that dispatch inline: a router ``nn.Linear`` with E outputs beside one ``nn.ModuleList`` of E MLP experts,
+   the dispatch and combine written in the block's own forward. Such a block is traced once by Dynamo as the
+   backend traces it (``explain.regions_of``: the same passes, the same proof), on the arguments ``example_inputs``
+   gave it or, when its forward takes one tensor, on random hidden states ``[2, 8, H]`` then ``[16, H]``; the
+   region the inline pass fuses gives the spec and the slots. A block the backend does not fuse is a problem
+   (``parallelize`` raises, naming it and the reason).
 """
 from __future__ import annotations
 
@@ -31,9 +38,10 @@ from ..passes.detect import ExpertsMatch, recognise_module
 @dataclass
 class Found:
     path: str
-    module: nn.Module
+    module: nn.Module  # the experts module, or the ModuleList of a block that dispatches inline
     match: ExpertsMatch
     top_k: int
+    block: nn.Module | None = None  # the block around an inline ModuleList (None for experts modules)
 
 
 def _n_forward_args(module: nn.Module) -> int | None:
@@ -87,19 +95,39 @@ def _contract(vals) -> bool:
             and idx.shape[0] == x.shape[0])
 
 
-def _traced(model: nn.Module, example_inputs) -> dict[int, int]:
-    """id(module) -> k for every module the model calls with the experts contract's arguments.
+def _describe(v):
+    """A call argument kept as what it looks like (a tensor's shape, dtype and device), to be drawn again at random."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device)
+    return ("value", v)
+
+
+def _draw(d):
+    if d[0] == "value":
+        return d[1]
+    _, shape, dtype, device = d
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = None) -> dict[int, int]:
+    """id(module) -> k for every module the model calls with the experts contract's arguments; the first call's
+    arguments of the modules in ``watch`` (id -> list to fill with ``(args, kwargs)`` descriptions).
 
     Forward pre-hooks watch every call; the model runs once on fake tensors, or, when its code needs real values
     (a data-dependent experts loop, say), once on the real inputs under ``no_grad``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     seen: dict[int, int] = {}
+    watch = watch if watch is not None else {}
 
     def hook(m, args, kwargs):
         vals = list(args) + list(kwargs.values())
         if _contract(vals):
             seen[id(m)] = int(vals[1].shape[-1])
+        if id(m) in watch and not watch[id(m)]:
+            watch[id(m)].append(([_describe(a) for a in args], {k: _describe(v) for k, v in kwargs.items()}))
 
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
@@ -145,13 +173,75 @@ def _probe_failed(match: ExpertsMatch) -> bool:
     return "forward failed" in match.reason or "does not return" in match.reason
 
 
+def _inline_candidate(m: nn.Module):
+    """(list name, list, router) when ``m`` holds a router Linear with E outputs beside one ModuleList of E MLPs."""
+    lname, lst = expert_list(m)
+    if lst is None:
+        return None
+    routers = [c for n, c in m.named_children() if n != lname and isinstance(c, nn.Linear)
+               and c.out_features == len(lst)]
+    return (lname, lst, routers[0]) if routers else None
+
+
+def _trial_inputs(block: nn.Module, router: nn.Linear, seen: list) -> list:
+    """The argument sets to trace ``block`` on: its first call's in ``example_inputs``, else random hidden states."""
+    if seen:
+        args, kwargs = seen[0]
+        return [(tuple(_draw(a) for a in args), {k: _draw(v) for k, v in kwargs.items()})]
+    if _n_required(block) != 1:
+        return []
+    H, kw = router.in_features, {"dtype": router.weight.dtype, "device": router.weight.device}
+    return [((torch.randn(2, 8, H, **kw),), {}), ((torch.randn(16, H, **kw),), {})]
+
+
+def _n_required(module: nn.Module) -> int | None:
+    try:
+        ps = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return sum(1 for p in ps if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def recognise_inline(path: str, block: nn.Module, lname: str, lst: nn.ModuleList, inputs: list
+                     ) -> tuple[Found | None, str]:
+    """Trace ``block`` as the backend would and take the region the inline pass fuses over ``lst``: the
+    :class:`Found` (spec and slots as the backend proved them), or None and why not."""
+    from ..explain import regions_of
+
+    mine = {id(p) for p in lst.parameters()}
+    name = path or "<model>"
+    if not inputs:
+        return None, (f"{name}: a router beside a ModuleList of experts, dispatched inline; its forward takes "
+                      "other arguments than one hidden-states tensor: pass example_inputs to parallelize so it can "
+                      "trace the block")
+    errors = []
+    for args, kwargs in inputs:
+        try:
+            with torch.no_grad():
+                regions = regions_of(block, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the next input shape, or reported
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        ours = [r for r in regions if {id(ref()) for ref in r.weights if ref() is not None} == mine]
+        if not ours:
+            errors.append("no MoE region over its experts in the traced graph")
+            continue
+        r = ours[0]
+        if not r.fused:
+            return None, f"{name}: the backend does not fuse this block, so it cannot be sharded: {r.reason}"
+        match = ExpertsMatch(r.spec, {s: list(v) for s, v in r.slots.items()}, "", r.pattern)  # names in lst
+        return Found(f"{path}.{lname}" if path else lname, lst, match, r.spec.top_k, block), ""
+    return None, f"{name}: tracing the block for parallelize failed ({'; '.join(errors)}); pass example_inputs"
+
+
 def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], list[str], list[str]]:
     """(experts modules found, problems with modules that look like experts but cannot be sharded, notes)."""
     parent: dict[int, nn.Module] = {}
     for m in model.modules():
         for c in m.children():
             parent[id(c)] = m
-    traced = _traced(model, example_inputs) if example_inputs is not None else {}
+    blocks = {id(m): [] for m in model.modules() if _inline_candidate(m) is not None}
+    traced = _traced(model, example_inputs, blocks) if example_inputs is not None else {}
     found, problems, notes = [], [], []
     taken: list[str] = []
     inline: list[tuple[str, str]] = []  # (layer, its expert list) for layers that dispatch inline
@@ -165,11 +255,9 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
         known = capture.is_captured_class(m)
         shaped = _n_forward_args(m) == 3 and _structural(m)
         if not (known or shaped or id(m) in traced):
-            lname, lst = expert_list(m)
-            router = lst is not None and any(isinstance(c, nn.Linear) and c.out_features == len(lst)
-                                              for n, c in m.named_children() if n != lname)
-            if router:
-                inline.append((path, f"{path}.{lname}" if path else lname))
+            cand = _inline_candidate(m)
+            if cand is not None:
+                inline.append((path, m, cand))
             continue
         k = traced.get(id(m)) or _top_k(m, parent.get(id(m)))
         with _eager_hf_experts(m):
@@ -184,9 +272,16 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             continue
         taken.append(path)
         found.append(Found(path, m, match, k))
-    for path, lpath in inline:
-        if not any(lpath == t or lpath.startswith(t + ".") for t in taken):
-            notes.append(f"{path or '<model>'}: a router beside a ModuleList of experts, but the dispatch is "
-                         "computed inline; move the experts into a module with forward(hidden, topk_idx, "
-                         "topk_weights) (or decorate one with @moe_compile.experts) to shard them")
+    for path, block, (lname, lst, router) in inline:
+        lpath = f"{path}.{lname}" if path else lname
+        if any(lpath == t or lpath.startswith(t + ".") for t in taken):
+            continue
+        if getattr(lst, "_moe_parallel_key", None) is not None:
+            problems.append(f"{lpath}: already parallelized")
+            continue
+        f, why = recognise_inline(path, block, lname, lst, _trial_inputs(block, router, blocks.get(id(block), [])))
+        if f is None:
+            problems.append(why)
+        else:
+            found.append(f)
     return found, problems, notes

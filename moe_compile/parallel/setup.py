@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import scope
 from ..codegen import cpu
 from . import cost, op
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
 from .layout import Layout, ParallelError, check_sizes
 from .state import MODES, SLOTS, ParallelState
-from .tags import tag_module, unwrap_for_parallelize
+from .tags import tag_inline_list, tag_module, unwrap_for_parallelize
 
 _GROUPS: dict[tuple[int, ...], object] = {}  # subgroups by global ranks (created once per process)
 
@@ -191,6 +192,14 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
             why = check_sizes(s.num_experts, W, s.ffn)
             if why:
                 errors.append(f"{f.path}: {why}")
+            elif f.block is not None and s.num_experts < W:
+                errors.append(f"{f.path}: the experts of a block that dispatches inline are sharded whole, which "
+                              f"needs at least as many experts as ranks (E={s.num_experts}, W={W}); for fewer "
+                              "experts than ranks move them into an experts module (forward(hidden, topk_idx, "
+                              "topk_weights), or @moe_compile.experts), whose hidden size can be split")
+            elif f.block is not None and s.score_on_input:
+                errors.append(f"{f.path}: the routing weight scales the experts' input; the parallel modes "
+                              "apply it to their output only")
             elif mode == "tensor" and s.num_experts >= W:
                 errors.append(f"{f.path}: mode 'tensor' splits experts over ranks and needs fewer experts than ranks "
                               f"(E={s.num_experts}, W={W}); use 'expert', 'data' or 'auto'")
@@ -273,11 +282,13 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
     like = [[torch.empty(0, dtype=dtype)] * (per if slots[s] else 0) for s in SLOTS]
     values = cpu.weight_grads(local_spec, local, *like)
 
+    owned = list(range(lay.first_expert(rank), lay.first_expert(rank) + lay.El))
     if spec.stacked:
         local_names = {s: list(slots[s]) for s in SLOTS}
+    elif f.block is not None:  # an inline block's list: this rank's experts keep their places (and names)
+        local_names = {s: [slots[s][e] for e in owned] if slots[s] else [] for s in SLOTS}
     else:
         list_prefix, lst = expert_list(m)
-        owned = list(range(lay.first_expert(rank), lay.first_expert(rank) + lay.El))
         owner_path, _, attr = list_prefix.rpartition(".")
         owner = m.get_submodule(owner_path) if owner_path else m
         setattr(owner, attr, nn.ModuleList([lst[e] for e in owned]))
@@ -296,6 +307,7 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
         for n, v, old in zip(local_names[s], vals, [params[o] for o in slots[s]]):
             _set_param(m, n, v, old.requires_grad)
             flat_names.append(n)
+    remote = _placeholders(m, [e for e in range(lay.E) if e not in owned], f.path) if f.block is not None else []
     tag_module(m, f.path, sharded=True)
 
     traffic = Traffic()
@@ -316,5 +328,44 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
     m._moe_parallel = state
     m._moe_parallel_key = key
     m._moe_parallel_names = tuple(flat_names)
-    m.forward = functools.partial(op.call, m)
-    return flat_names
+    if f.block is None:
+        m.forward = functools.partial(op.call, m)
+        return flat_names
+    expected = {"spec": {k: getattr(spec, k) for k in _READING}, "slots": {s: list(v) for s, v in slots.items()}}
+    tags = {n: (key, i, expected) for i, n in enumerate(flat_names)}
+    tags.update({n: (key, -1, expected) for n in remote})
+    tag_inline_list(m, tags, remote)
+    return flat_names + remote
+
+
+_READING = ("num_experts", "top_k", "hidden", "ffn", "activation", "gate_layout", "weight_layout", "stacked",
+            "has_bias", "act_alpha", "act_limit", "score_on_input")
+"""What the backend's inline pass must read again, compiling a sharded inline block, for the storage to hold."""
+
+
+def _placeholders(lst: nn.Module, remote: list[int], path: str) -> list[str]:
+    """Other ranks' experts in an inline block's list: each parameter becomes a placeholder of the same shape over
+    one element (zeros, expanded; no gradient), so the block traces as before and costs no memory; calling such an
+    expert outside a moe-compiled graph raises (its numbers would be wrong). Returns the placeholders' names."""
+    names = []
+    for e in remote:
+        expert = lst[e]
+        for n, p in list(expert.named_parameters()):
+            owner_path, _, attr = n.rpartition(".")
+            owner = expert.get_submodule(owner_path) if owner_path else expert
+            stand_in = nn.Parameter(torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape),
+                                    requires_grad=False)
+            stand_in._moe_remote = True
+            setattr(owner, attr, stand_in)
+            names.append(f"{e}.{n}")
+        expert._moe_remote_expert = f"{path}.{e}" if path else str(e)
+        expert.register_forward_pre_hook(_remote_expert_called)
+    return names
+
+
+def _remote_expert_called(module: nn.Module, args) -> None:
+    if not scope.active():
+        raise ParallelError(
+            f"moe_compile.parallel: expert {module._moe_remote_expert} lives on another rank (parallelize sharded "
+            "the block that holds it, which computes its experts inline); such a block runs only compiled: "
+            "torch.compile(model, backend=\"moe\") (in eager, or under another backend, its numbers would be wrong)")

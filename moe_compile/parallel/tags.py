@@ -53,8 +53,16 @@ def tag(p: nn.Parameter, path: str, sharded: bool) -> None:
 def _retag_after_load(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict post hook of an experts module: ``load_state_dict(..., assign=True)`` replaces the
     parameters with new ones; tag those again."""
-    for p in module.parameters():
+    inline = getattr(module, "_moe_inline_tags", {})
+    for n, p in module.named_parameters():
         tag(p, module._moe_expert_path, module._moe_expert_sharded)
+        if n in inline:
+            p._moe_inline = inline[n]
+    remote = getattr(module, "_moe_remote_names", ())
+    if remote:  # placeholders are never loaded: not missing
+        prefix = getattr(module, "_moe_load_prefix", "")
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                             if not (k.startswith(prefix) and k[len(prefix):] in remote)]
 
 
 def tag_module(module: nn.Module, path: str, sharded: bool) -> None:
@@ -65,6 +73,31 @@ def tag_module(module: nn.Module, path: str, sharded: bool) -> None:
     if not getattr(module, "_moe_retag_hook", False):
         module.register_load_state_dict_post_hook(_retag_after_load)
         module._moe_retag_hook = True
+
+
+def _drop_remote(module, state_dict, prefix, local_metadata) -> None:
+    for n in module._moe_remote_names:
+        state_dict.pop(prefix + n, None)
+
+
+def _skip_remote(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    module._moe_load_prefix = prefix
+    for n in module._moe_remote_names:
+        state_dict.pop(prefix + n, None)
+
+
+def tag_inline_list(module: nn.Module, tags: dict[str, tuple], remote: list[str]) -> None:
+    """The ModuleList of a block that dispatches inline, sharded in place: ``tags`` (parameter name -> ``(key, op
+    index or -1, expected reading)``) tell the backend's inline pass which parameters are this rank's experts and
+    which are placeholders (``remote``). Placeholders are left out of ``state_dict()`` and never loaded, so
+    ``load_state_dict`` of a whole (unparallelized) state dict keeps this rank's part, and a saved per-rank state
+    dict does not load into an unparallelized model without an error."""
+    module._moe_inline_tags = dict(tags)
+    module._moe_remote_names = tuple(remote)
+    for n, t in tags.items():
+        module.get_parameter(n)._moe_inline = t
+    module.register_state_dict_post_hook(_drop_remote)
+    module.register_load_state_dict_pre_hook(_skip_remote)
 
 
 def parallel_states(model: nn.Module) -> list[ParallelState]:

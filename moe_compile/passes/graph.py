@@ -26,9 +26,15 @@ FUSED_TARGETS: list = [EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE, EXPERTS_SLOTS]
 """Call targets that hold experts already (captured or fused); modules that add one register it here."""
 
 
+def parallel_experts_op():
+    """``moe_compile::parallel_experts`` (registered by ``moe_compile.parallel``), or None before it is."""
+    parallel = getattr(torch.ops.moe_compile, "parallel_experts", None)
+    return parallel.default if parallel is not None else None
+
+
 def experts_ops() -> tuple:
-    parallel = getattr(torch.ops.moe_compile, "parallel_experts", None)  # registered by moe_compile.parallel
-    return tuple(FUSED_TARGETS) + ((parallel.default,) if parallel is not None else ())
+    parallel = parallel_experts_op()
+    return tuple(FUSED_TARGETS) + ((parallel,) if parallel is not None else ())
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Region:
     spec: MoESpec | None = None
     module: "weakref.ref | None" = field(default=None, repr=False, compare=False)  # the captured module, if one
     weights: tuple = field(default=(), repr=False, compare=False)  # weakrefs to the experts' live parameters
+    slots: dict = field(default_factory=dict, repr=False, compare=False)  # op slot -> the weights' names (inline)
 
 
 def weight_refs(placeholders) -> tuple:

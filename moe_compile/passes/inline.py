@@ -13,6 +13,11 @@ loop. ``fuse_inline_experts(gm)``:
    the routed output is added into stay outside the region;
 4. runs the region itself, extracted as a graph, in float64 as the reference for ``detect.prove``;
 5. replaces the region with ``moe_compile::experts`` when the proof holds; otherwise leaves it and says why.
+
+A ModuleList that ``moe_compile.parallelize`` sharded holds this rank's experts and, in the other experts' places,
+placeholders of the same shapes (``parallel.setup``; each parameter tagged ``_moe_inline = (key, op index,
+expected)``): the region traces as before and is replaced by ``moe_compile::parallel_experts`` over the local
+experts' weights. Such a region must be fused, with the reading ``parallelize`` proved: anything else raises.
 """
 from __future__ import annotations
 
@@ -23,12 +28,13 @@ import torch
 import torch.fx as fx
 
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
-from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists, extract_region,
+from .graph import (EXPERTS, Region, ancestors_of, parallel_experts_op, clean_path, example_value, experts_ops, expert_lists, extract_region,
                     is_op, live_value, param_path, size_checks, stack_paths, weight_refs)
 from ..spec import RouterSpec
 from .router import describe_router
 
 _SHAPE_OPS = ("reshape", "view", "view_as", "contiguous")
+_ROOT = "L['self']"  # the compiled module itself: Dynamo leaves its own nodes' module stack empty
 
 
 def _router(nodes: list[fx.Node], list_path: str | None, parent: str = "") -> set[fx.Node]:
@@ -102,7 +108,8 @@ def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
 
 
 def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node]):
-    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method") and parent in stack_paths(n)]
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+             and (parent == _ROOT or parent in stack_paths(n))]
     router, from_topk = _router(nodes, list_path, parent)
     region = [n for n in nodes if n not in router]
     inside = set(region)
@@ -187,7 +194,7 @@ def _with_score_on_input(cands):
 def _scope(gm: fx.GraphModule, path: str) -> str:
     """The innermost module at or above ``path`` whose nodes hold a top-k router (torchtitan keeps the router and
     the experts in sibling modules of the MoE block)."""
-    topk_paths = [set(stack_paths(n)) for n in gm.graph.nodes if is_op(n, "topk")]
+    topk_paths = [set(stack_paths(n)) | {_ROOT} for n in gm.graph.nodes if is_op(n, "topk")]
     p = path
     while p:
         if any(p in ps for ps in topk_paths):
@@ -257,25 +264,47 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
             region = _region(gm, parent, list_path, params)
             if not region or any(n.op == "call_function" and n.target in experts_ops() for n in region):
                 continue  # nothing there, or experts already captured as one node
-            spec, why_not = _fuse_region(gm, region, names, cands, why, pattern, rewrite)
-            found = (clean_path(parent), spec, why_not)
+            spec, slots, why_not = _fuse_region(gm, region, names, cands, why, pattern, rewrite)
+            found = (clean_path(parent), spec, slots, why_not)
             if spec is not None:
                 break
+        sharded = _parallel_tag(names)
+        if rewrite and sharded is not None and (found is None or found[1] is None):
+            raise RuntimeError(
+                f"moe_compile: the experts {clean_path(list_path or owner)} were sharded by moe_compile.parallelize "
+                "(other ranks' experts are placeholders here), but this graph does not compute them as the block "
+                f"parallelize proved: {found[3] if found else 'no MoE region found around them'}. Compile the model "
+                "as it was when parallelize ran (same code, no graph break inside the MoE block)")
         if found is None:
             continue
-        where, spec, why_not = found
+        where, spec, slots, why_not = found
         refs = weight_refs(names.values())
         if spec is None:
             regions.append(Region(where, pattern, False, why_not, weights=refs))
             continue
         extra = ", score on the expert input" if spec.score_on_input else ""
+        extra += ", parallel" if sharded is not None else ""
         regions.append(Region(where, f"{pattern}, {spec.activation}, router {spec.router.score}{extra}", True, "",
-                              spec, weights=refs))
+                              spec, weights=refs, slots=slots))
     return regions
 
 
+def _parallel_tag(names: dict) -> tuple | None:
+    """``(key, expected)`` when the experts' parameters belong to a ModuleList ``parallelize`` sharded, else None."""
+    tags = {id(t[2]): t for t in (getattr(p.meta["grapharg"].example, "_moe_inline", None) for p in names.values())
+            if t is not None}
+    if not tags:
+        return None
+    if len(tags) != 1 or len([p for p in names.values()
+                              if getattr(p.meta["grapharg"].example, "_moe_inline", None) is None]):
+        raise RuntimeError("moe_compile: one MoE region mixes experts parallelize sharded with others")
+    key, _, expected = next(iter(tags.values()))
+    return key, expected
+
+
 def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
-    """Prove ``region`` and replace it by the fused op: ``(spec, "")``, or ``(None, reason)`` leaving it as is."""
+    """Prove ``region`` and replace it by the fused op: ``(spec, slots, "")``, or ``(None, None, reason)`` leaving it
+    as is."""
     params = set(names.values())
     # in-place updates of module state (torchtitan's tokens_per_expert.add_(counts)) stay in the graph, as they are
     region = [n for n in region if not _updates_state(n, params)]
@@ -294,8 +323,8 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     if cands and len(tensors) == 2 and not ints:
         return _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks)
     if len(tensors) != 3 or len(ints) != 1 or len(floats) != 2:
-        return None, (f"the region's inputs are not (hidden, expert ids, routing weights): {len(ints)} integer and "
-                      f"{len(floats)} float tensor inputs")
+        return None, None, (f"the region's inputs are not (hidden, expert ids, routing weights): {len(ints)} integer "
+                            f"and {len(floats)} float tensor inputs")
     idx = ints[0]
     w = next((a for a in floats if example_value(a).dim() == 2 and example_value(a).shape == example_value(idx).shape), None)
     x = next((a for a in floats if a is not w), None)
@@ -303,15 +332,15 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     outputs = [n for n in region if n in dep and n not in checks
                and any(u not in inside and not _updates_state(u, params) for u in n.users)]
     if len(outputs) != 1:
-        return None, f"the region has {len(outputs)} outputs, not one hidden [T, H]"
+        return None, None, f"the region has {len(outputs)} outputs, not one hidden [T, H]"
     out = outputs[0]
     if w is None or x is None or example_value(x).dim() != 2 or tuple(example_value(out).shape) != tuple(example_value(x).shape):
-        return None, "the region does not map hidden [T, H] with routing [T, k] to [T, H]"
+        return None, None, "the region does not map hidden [T, H] with routing [T, k] to [T, H]"
     sizes = _size_inputs([a for a in ext if a not in tensors], x, idx)
     if sizes is None:
-        return None, "the region uses sizes other than the number of tokens (and tokens * k)"
+        return None, None, "the region uses sizes other than the number of tokens (and tokens * k)"
     if not cands:
-        return None, why
+        return None, None, why
     live = {n: p.meta["grapharg"].example for n, p in names.items()}
     sub = extract_region(region, [x, idx, w, *names.values()], out, sizes)
     order = list(names)
@@ -327,15 +356,15 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
         probes = {H: _probes(E, k, H, _token_counts(x), device) for H in {c.spec_kw["hidden"] for c in cands}}
     H = int(example_value(x).shape[-1])
     if H not in probes:
-        return None, "no reading of the expert weights has the hidden size of the region's input"
+        return None, None, "no reading of the expert weights has the hidden size of the region's input"
     match = prove(_with_score_on_input(cands), live, reference, k, pattern, probes=probes[H])
     if not match.ok:
-        return None, match.reason
+        return None, None, match.reason
     router, _ = describe_router(x, idx, w)
     spec = with_top_k(match.spec, k, router)
     if rewrite:
         _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
-    return spec, ""
+    return spec, match.slots, ""
 
 
 def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
@@ -346,18 +375,19 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
     xs = [a for a in floats if example_value(a).dim() == 2 and example_value(a).shape[-1] == H]
     ss = [a for a in floats if a not in xs and example_value(a).dim() == 2 and E in tuple(example_value(a).shape)]
     if len(xs) != 1 or len(ss) != 1:
-        return None, "the region's inputs are neither (hidden, expert ids, routing weights) nor (hidden, [T, E] scores)"
+        return None, None, ("the region's inputs are neither (hidden, expert ids, routing weights) nor (hidden, "
+                            "[T, E] scores)")
     x, s = xs[0], ss[0]
     T = example_value(x).shape[0]
     transposed = tuple(example_value(s).shape) != (T, E)  # the scores held as [E, T]
     if transposed and tuple(example_value(s).shape) != (E, T):
-        return None, "the scores are neither [tokens, experts] nor [experts, tokens]"
+        return None, None, "the scores are neither [tokens, experts] nor [experts, tokens]"
     inside, params = set(region), set(names.values())
     dep = _depends(region, params | {s})
     outputs = [n for n in region if n in dep and n not in checks
                and any(u not in inside and not _updates_state(u, params) for u in n.users)]
     if len(outputs) != 1 or tuple(example_value(outputs[0]).shape) != tuple(example_value(x).shape):
-        return None, "the region does not map hidden [T, H] with scores [T, E] to one [T, H] output"
+        return None, None, "the region does not map hidden [T, H] with scores [T, E] to one [T, H] output"
     out = outputs[0]
     live = {n: p.meta["grapharg"].example for n, p in names.items()}
     sub = extract_region(region, [x, s, *names.values()], out)
@@ -376,7 +406,7 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
             probes.append((px, torch.arange(E, device=device).expand(px.shape[0], E), pw))
     match = prove(_with_score_on_input(cands), live, reference, E, pattern, probes=probes)
     if not match.ok:
-        return None, match.reason
+        return None, None, match.reason
     spec = with_top_k(match.spec, E, RouterSpec(score="sigmoid" if any(is_op(n, "sigmoid") for n in ancestors_of(s))
                                                 else "unknown", order="topk->score"))
     if rewrite:
@@ -391,14 +421,33 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
             with gm.graph.inserting_after(idx):
                 w = gm.graph.call_method("t", (s,))
         _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
-    return spec, ""
+    return spec, match.slots, ""
+
+
+def _parallel_args(names, slots, spec, x, idx, w):
+    """``parallel_experts``'s arguments over this rank's experts, after checking the reading is the one
+    ``parallelize`` proved (the sharded storage follows it)."""
+    key, expected = _parallel_tag(names)
+    got = {f: getattr(spec, f) for f in expected["spec"]}
+    # a graph traced on no tokens (this rank's batch was empty) proves nothing about the reading: the op computes
+    # the other ranks' tokens with the reading parallelize proved, which is the one to hold it to
+    vacuous = example_value(x).shape[0] == 0
+    if not vacuous and (got != expected["spec"] or {s: list(v) for s, v in slots.items()} != expected["slots"]):
+        raise RuntimeError(f"moe_compile: the experts sharded by parallelize ({key}) now read as {got}, {slots}; "
+                           f"parallelize proved {expected}")
+    local = sorted((getattr(p.meta["grapharg"].example, "_moe_inline")[1], p) for p in names.values()
+                   if getattr(p.meta["grapharg"].example, "_moe_inline")[1] >= 0)
+    return (x, idx, w, [p for _, p in local], key)
 
 
 def _replace_region(gm, region, out, x, idx, w, names, slots, spec):
     inside = set(region)
+    if _parallel_tag(names) is not None:
+        op, args = parallel_experts_op(), _parallel_args(names, slots, spec, x, idx, w)
+    else:
+        op, args = EXPERTS, (x, idx, w, *[[names[n] for n in slots[s]] for s in SLOTS], spec.to_json())
     with gm.graph.inserting_after(_insert_point(gm, [out, x, idx, w])):
-        fused = gm.graph.call_function(
-            EXPERTS, (x, idx, w, *[[names[n] for n in slots[s]] for s in SLOTS], spec.to_json()))
+        fused = gm.graph.call_function(op, args)
     with gm.graph.inserting_after(fused):
         res = gm.graph.call_function(operator.getitem, (fused, 0))
     res.meta.update(out.meta)
