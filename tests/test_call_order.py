@@ -150,6 +150,7 @@ def _w_mistakes() -> dict:
     snap = _snapshot(model)
     step = _catch(opt.step)
     zero = _catch(opt.zero_grad)
+    out["full_optim_state_dict of an optimizer built before"] = _catch(lambda: mp_.full_optim_state_dict(ddp, opt))
     out["optimizer before parallelize"] = (step, zero, all(torch.equal(p, v) for p, v in snap.values()),
                                            not any(opt.state.values()))  # (SGD makes empty entries on the way)
     adam = torch.optim.AdamW(model.parameters())  # built after: fine
@@ -163,6 +164,7 @@ def _w_mistakes() -> dict:
     again = _catch(lambda: mp_.parallelize(torch.compile(model, **COMPILE), mode="data"))
     out["parallelize twice"] = (again, mp_.tags.parallel_states(model) == states
                                 and dict(model.named_parameters()) == params and mp_.get_parallel(model) == "expert")
+    out["parallelize twice, through DDP"] = _catch(lambda: mp_.parallelize(DistributedDataParallel(model)))
 
     # set_parallel / full_state_dict before parallelize
     model = _model()
@@ -195,6 +197,10 @@ def test_wrong_orders_raise_naming_the_fix():
     msg, unchanged = r["parallelize twice"]
     assert msg and "blocks.0.experts: already parallelized" in msg and "moe_compile.set_parallel" in msg, msg
     assert unchanged
+    msg = r["parallelize twice, through DDP"]
+    assert msg and "already parallelized" in msg and "moe_compile.set_parallel" in msg, msg
+    msg = r["full_optim_state_dict of an optimizer built before"]
+    assert msg and "build the optimizer after parallelize" in msg, msg
     msg = r["set_parallel before parallelize"]
     assert msg and "call moe_compile.parallelize(model) first" in msg, msg
     assert r["full_state_dict unparallelized"]
