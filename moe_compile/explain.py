@@ -120,11 +120,15 @@ def regions_of(module: torch.nn.Module, *args, **kwargs) -> list[Region]:
 def explain(model, *args, **kwargs) -> Report:
     """Trace ``model(*args, **kwargs)`` as ``torch.compile(model, backend="moe")`` would, without compiling or
     running the fused ops, and report every MoE region: fused or not, and why. It resets Dynamo's caches (a model
-    compiled earlier recompiles on its next call). For a parallelized model it also reports each block's parallel
-    mode and what ``auto`` chose; it runs the model, so every rank must call it."""
+    compiled earlier recompiles on its next call). ``model`` may be wrapped in ``torch.compile`` and / or
+    ``DistributedDataParallel``: the module inside is traced (paths are its own). For a parallelized model each
+    parallelized experts module is one fused ``moe_compile::parallel_experts`` call, listed with its parallel mode
+    and storage, and the report adds what ``auto`` chose; it runs the model, so every rank must call it."""
     from . import install_capture
+    from .parallel.tags import unwrapped
 
     install_capture()
+    model = unwrapped(model)
     report = Report()
 
     def collect(gm, example_inputs):

@@ -112,7 +112,8 @@ def test_sharded_inline_storage_names_and_loads(pool2):
         assert r["local_equal"] and r["dense_kept"] and r["loaded"] and r["full_equal"], r
         assert r["placeholder_bytes"] <= 6 * 4, r  # one element per placeholder
         assert r["sd_keys"] == sorted(f"blocks.0.experts.{e}.{l}.weight" for e in mine for l in ("w1", "w2", "w3"))
-        assert len(r["ignored"]) == 12  # every expert parameter, placeholders included: DDP leaves them alone
+        plain = [n for n in r["ignored"] if not n.startswith("_orig_mod.")]  # (also as read through torch.compile)
+        assert len(plain) == 12  # every expert parameter, placeholders included: DDP leaves them alone
         assert r["load_missing"] == []
         assert "lives on another rank" in r["eager"] and 'backend="moe"' in r["eager"], r["eager"]
 

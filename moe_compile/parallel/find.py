@@ -249,7 +249,8 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
         if any(path == t or path.startswith(t + ".") for t in taken):
             continue
         if getattr(m, "_moe_parallel_key", None) is not None:
-            problems.append(f"{path or '<model>'}: already parallelized")
+            problems.append(f"{path or '<model>'}: already parallelized (parallelize runs once per model; change "
+                            "the mode with moe_compile.set_parallel(model, mode))")
             taken.append(path)
             continue
         known = capture.is_captured_class(m)

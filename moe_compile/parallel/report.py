@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..passes.graph import PREFUSED
+from ..spec import MoESpec
+from .op import PARALLEL_EXPERTS
+from .state import ParallelState, state_for
 from .tags import parallel_states
 
 @dataclass
@@ -46,16 +50,31 @@ class ParallelReport:
         return "\n".join(lines)
 
 
+def storage(st: ParallelState) -> str:
+    """What each rank holds of the module's experts, e.g. ``2 of 4 experts per rank``."""
+    lay = st.layout
+    out = (f"{lay.El} of {lay.E} experts per rank" if lay.E >= lay.W
+           else f"1/{lay.S} of one expert's hidden size ({lay.Fl} of {lay.F}) per rank")
+    return out + (f", {st.DP} replicas" if st.DP > 1 else "")
+
+
+def describe_call(key: str) -> tuple[str, MoESpec]:
+    """explain's row for a ``moe_compile::parallel_experts`` node: its mode now and its storage, and the whole
+    module's spec (the mode can change on any step; the node stays the same)."""
+    st = state_for(key)
+    kind = "stacked" if st.spec.stacked else "ModuleList"
+    return f"parallel {st.mode}, {storage(st)} ({kind} experts, {st.spec.activation})", st.spec
+
+
+PREFUSED[PARALLEL_EXPERTS] = describe_call  # explain and the passes report the node as a fused experts call
+
+
 def parallel_report(model: nn.Module) -> ParallelReport:
     """What each parallelized experts module holds, the mode it runs, what ``auto`` chose and why, bytes sent."""
     rep = ParallelReport()
     for st in parallel_states(model):
         lay = st.layout
-        storage = (f"{lay.El} of {lay.E} experts per rank" if lay.E >= lay.W
-                   else f"1/{lay.S} of one expert's hidden size ({lay.Fl} of {lay.F}) per rank")
-        if st.DP > 1:
-            storage += f", {st.DP} replicas"
-        rep.blocks.append(BlockReport(st.path, lay.E, lay.W, storage, st.mode, st.stats.last_mode,
+        rep.blocks.append(BlockReport(st.path, lay.E, lay.W, storage(st), st.mode, st.stats.last_mode,
                                       dict(st.stats.calls), dict(st.stats.last_estimate), st.traffic.total,
                                       st.a2a.hierarchical, st.stats.last_hierarchical, st.stats.capacity))
         rep.rates = st.rates.describe()

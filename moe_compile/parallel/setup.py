@@ -17,7 +17,7 @@ from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
 from .layout import Layout, ParallelError, check_sizes
 from .state import MODES, SLOTS, ParallelState
-from .tags import tag_inline_list, tag_module, unwrap_for_parallelize
+from .tags import ddp_ignore_names, mark_replaced, tag_inline_list, tag_module, unwrap_for_parallelize
 
 _GROUPS: dict[tuple[int, ...], object] = {}  # subgroups by global ranks (created once per process)
 
@@ -257,7 +257,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         cf = capacity_factor if capacity_factor is not None else _router_capacity(f, parents)
         names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
-    root._ddp_params_and_buffers_to_ignore = ignore
+    root._ddp_params_and_buffers_to_ignore = ddp_ignore_names(ignore)
     if notes:
         warnings.warn("moe_compile.parallelize: " + "; ".join(notes), stacklevel=2)
     return model
@@ -300,8 +300,8 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
                 head = f"{list_prefix}.{e}."
                 assert orig.startswith(head), (orig, head)
                 local_names[s].append(f"{list_prefix}.{i}.{orig[len(head):]}")
-    for p in params.values():  # the unsharded parameters: only a DDP built too early would still hold them
-        p._moe_replaced = True
+    for n, p in params.items():  # the unsharded parameters: only a DDP or optimizer built too early holds them
+        mark_replaced(p, f"{f.path}.{n}" if f.path else n)
     flat_names = []
     for s, vals in zip(SLOTS, values):
         for n, v, old in zip(local_names[s], vals, [params[o] for o in slots[s]]):

@@ -31,7 +31,7 @@ from ..codegen.cpu import Weights
 from ..spec import MoESpec
 from . import cost, dispatch
 from .comm import AllToAll, Comm, Traffic, transpose
-from .layout import Layout
+from .layout import Layout, ParallelError
 
 MODES = ("expert", "data", "tensor", "auto")
 _CODE = {"expert": 0, "data": 1, "tensor": 2}
@@ -183,11 +183,19 @@ class ParallelState:
         ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
         if ddp is not None and id(ddp) not in self._ddp_checked:
             managed = getattr(ddp, "_module_parameters", None) or list(ddp.parameters())
-            if any(getattr(p, "_moe_expert", False) or getattr(p, "_moe_replaced", False) for p in managed):
-                raise RuntimeError(
+            if any(getattr(p, "_moe_replaced", False) for p in managed):
+                raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel was built before "
-                    "moe_compile.parallelize, so it all-reduces and broadcasts the expert parameters (or holds the "
-                    "unsharded ones). Fix: call moe_compile.parallelize(model) first, then "
+                    "moe_compile.parallelize, so it holds the unsharded expert parameters that parallelize replaced "
+                    "(and would all-reduce the experts' gradients). Fix: call moe_compile.parallelize(model) first, "
+                    "then DistributedDataParallel(model) (a new one now will do), then torch.compile")
+            if any(getattr(p, "_moe_expert", False) for p in managed):
+                raise ParallelError(
+                    f"moe_compile.parallel ({self.path}): DistributedDataParallel manages the sharded expert "
+                    "parameters: the names of the module it wraps are not those in "
+                    "model._ddp_params_and_buffers_to_ignore (a wrapper between DDP and the parallelized model other "
+                    "than one torch.compile, or the list was changed), so its construction broadcast rank 0's "
+                    "expert shards to every rank. Fix: rebuild the model, moe_compile.parallelize(model), then "
                     "DistributedDataParallel(model), then torch.compile")
             pg = getattr(ddp, "process_group", None)
             if pg is not None and dist.get_world_size(pg) != self.W * self.DP:

@@ -24,15 +24,60 @@ class ExpertParameter(nn.Parameter):
         return result
 
 
+class ReplacedParameter(nn.Parameter):
+    """The class ``parallelize`` gives each unsharded expert parameter it replaces by this rank's shard. The
+    model no longer holds it and it never gets a gradient, so whatever still holds it was built before
+    ``parallelize`` (an optimizer, most likely: it would silently never update the experts). Reading its ``.grad``
+    (as ``optimizer.zero_grad()`` and ``optimizer.step()`` do, before they change anything) raises, naming the fix;
+    setting it to ``None`` is allowed."""
+
+    @property
+    def grad(self):
+        raise ParallelError(
+            f"moe_compile.parallelize replaced the expert parameter {self._moe_replaced_name} "
+            f"{tuple(self.shape)} by this rank's shard, but something still uses the old one (an optimizer built "
+            "before parallelize? it would never update the experts). Fix: build the optimizer after "
+            "moe_compile.parallelize(model), on model.parameters()")
+
+    @grad.setter
+    def grad(self, value):
+        if value is not None:
+            self.grad  # noqa: B018 - raises, naming the problem
+        torch._C.TensorBase.grad.__set__(self, None)
+
+
+def mark_replaced(p: nn.Parameter, name: str) -> None:
+    """Mark ``p`` as replaced by a shard (``_moe_replaced``, read by the DDP check); a plain or expert parameter
+    also becomes a :class:`ReplacedParameter`, whose use by an optimizer raises."""
+    p._moe_replaced = True
+    p._moe_replaced_name = name
+    torch._C.TensorBase.grad.__set__(p, None)  # a gradient from before parallelize: of the unsharded weights
+    if type(p) in (nn.Parameter, ExpertParameter):  # a subclass the user chose is left as it is
+        p.__class__ = ReplacedParameter
+
+
 def is_expert_param(p: torch.Tensor) -> bool:
     """True for the parameters of experts modules that ``parallelize`` found (sharded or not)."""
     return bool(getattr(p, "_moe_expert", False))
+
+
+def ddp_ignore_names(names: list[str]) -> list[str]:
+    """DDP's ignore list (``_ddp_params_and_buffers_to_ignore``) for expert parameter ``names``: each name as it
+    is, and as it reads through a ``torch.compile`` wrapper (``_orig_mod.`` + name), so that a DDP built around the
+    compiled model (``DistributedDataParallel(torch.compile(model))``) leaves the experts alone too."""
+    out = list(dict.fromkeys(names))
+    return out + [f"_orig_mod.{n}" for n in out if not n.startswith("_orig_mod.")
+                  and f"_orig_mod.{n}" not in out]
 
 
 def unwrap_for_parallelize(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: parallelize the module inside
+    if isinstance(model, DistributedDataParallel) and parallel_states(model.module):
+        raise ParallelError(
+            "moe_compile.parallelize: the model inside this DistributedDataParallel is already parallelized "
+            "(parallelize runs once per model; change the mode with moe_compile.set_parallel(model, mode))")
     if isinstance(model, DistributedDataParallel):
         raise ParallelError(
             "moe_compile.parallelize got a model already wrapped in DistributedDataParallel, which has broadcast "

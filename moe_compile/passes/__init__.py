@@ -3,7 +3,8 @@ place (``rewrite=True``) or only reports (``rewrite=False``, for ``explain``), r
 
 1. ``normalise.inline_identity_functions``: value- and gradient-preserving spellings made plain (always runs);
 2. ``blocks.fuse_block_calls``: HF MoE blocks captured whole (``capture_blocks``);
-3. ``experts_calls.fuse_experts_calls``: captured experts modules;
+3. ``experts_calls.report_prefused_calls``: experts calls already fused by the model's forward (parallelized
+   experts modules), reported as they are; ``experts_calls.fuse_experts_calls``: captured experts modules;
 4. ``gshard.fuse_slot_experts``: dispatch/combine tensors over capacity slots;
 5. ``inline.fuse_inline_experts``: experts traced inline (ModuleList loops, stacked weights, sorted dispatch);
 6. ``unfused.report_unfused_topk``: routers left unfused, reported.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .blocks import fuse_block_calls
-from .experts_calls import fuse_experts_calls
+from .experts_calls import fuse_experts_calls, report_prefused_calls
 from .graph import Region
 from .gshard import fuse_slot_experts
 from .inline import fuse_inline_experts
@@ -22,7 +23,7 @@ from .unfused import report_unfused_topk
 
 __all__ = ["PIPELINE", "Region", "fuse_moe"]
 
-PIPELINE = (fuse_block_calls, fuse_experts_calls, fuse_slot_experts, fuse_inline_experts)
+PIPELINE = (fuse_block_calls, report_prefused_calls, fuse_experts_calls, fuse_slot_experts, fuse_inline_experts)
 
 
 def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:

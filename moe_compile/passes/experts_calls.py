@@ -1,6 +1,8 @@
 """Captured experts modules (``moe_compile::experts_call`` nodes) -> ``moe_compile::experts`` when the module is
 recognised (``detect.recognise_module``), or ``moe_compile::dispatch_combine`` around expert bodies of the user's own
-code; the router upstream is described (``describe_router``) but stays in the graph."""
+code; the router upstream is described (``describe_router``) but stays in the graph. Experts calls that arrive
+fused (``graph.PREFUSED``: a parallelized experts module's ``moe_compile::parallel_experts``) are reported as they
+are."""
 from __future__ import annotations
 
 import operator
@@ -9,7 +11,7 @@ import weakref
 import torch.fx as fx
 
 from .detect import SLOTS, recognise_module, with_top_k
-from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, Region, captured_calls, module_path
+from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, PREFUSED, Region, captured_calls, module_path, weight_refs
 from .router import describe_router
 
 
@@ -24,12 +26,32 @@ def _replace(gm: fx.GraphModule, node: fx.Node, op, args, index: int | None) -> 
     gm.graph.erase_node(node)
 
 
+def _top_k(idx) -> int:
+    val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
+    return int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
+
+
+def report_prefused_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
+    """One fused region per call of a ``graph.PREFUSED`` op (the model's forward put it there: nothing to rewrite),
+    described by the op's owner (a parallelized experts module: its parallel mode and storage)."""
+    regions = []
+    for node in gm.graph.nodes:
+        describe = PREFUSED.get(node.target) if node.op == "call_function" else None
+        if describe is None:
+            continue
+        x, idx, w, params, key = node.args[:5]
+        router, _ = describe_router(x, idx, w)
+        pattern, spec = describe(key)
+        regions.append(Region(module_path(node), f"{pattern}, router {router.score}", True, "",
+                              with_top_k(spec, _top_k(idx), router), weights=weight_refs(params)))
+    return regions
+
+
 def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
     regions = []
     for node, (x, idx, w, params, key), module in captured_calls(gm, EXPERTS_CALL):
         path = module_path(node)
-        val = idx.meta.get("example_value") if isinstance(idx, fx.Node) else None
-        k = int(val.shape[-1]) if val is not None and isinstance(val.shape[-1], int) else 2
+        k = _top_k(idx)
         router, _ = describe_router(x, idx, w)
         match = recognise_module(module, k)
         if not match.ok:

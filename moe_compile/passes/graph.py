@@ -24,6 +24,11 @@ DISPATCH_COMBINE = torch.ops.moe_compile.dispatch_combine.default
 EXPERTS_SLOTS = torch.ops.moe_compile.experts_slots.default
 FUSED_TARGETS: list = [EXPERTS_CALL, EXPERTS, DISPATCH_COMBINE, EXPERTS_SLOTS]
 """Call targets that hold experts already (captured or fused); modules that add one register it here."""
+PREFUSED: dict = {}
+"""Fused experts ops that reach the backend already in the graph, put there by the model's own forward (the
+``moe_compile::parallel_experts`` call of a parallelized experts module): ``target -> describe(key)``, returning
+``(pattern, MoESpec)`` for the node's key (its 5th argument). Registered by the package that owns the op; the
+passes report such nodes as fused and leave them as they are."""
 
 
 def parallel_experts_op():
