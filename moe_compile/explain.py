@@ -43,11 +43,12 @@ def _is_mlp(m: torch.nn.Module) -> bool:
     return 2 <= len(lins) <= 3 or any(p.dim() == 2 for p in m.parameters(recurse=False))
 
 
-def moe_like_blocks(model: torch.nn.Module) -> dict[str, str]:
+def moe_like_blocks(model: torch.nn.Module, routed_only: bool = False) -> dict[str, str]:
     """{module path: what it holds} for every module that looks like an MoE block from its structure alone: a list
     or dict of two or more alike expert MLPs, or stacked ``[E, ., .]`` weights, together with the router (a Linear
     with E outputs) when one sits beside them. Used so that explain lists every such block, also one that no graph
-    holds whole (split by a graph break, or never traced)."""
+    holds whole (split by a graph break, or never traced). ``routed_only``: only blocks with a router beside their
+    experts (what ``parallelize`` must either shard or refuse)."""
     out = {}
     named = dict(model.named_modules())
     for path, m in named.items():
@@ -63,15 +64,20 @@ def moe_like_blocks(model: torch.nn.Module) -> dict[str, str]:
         if E is None:
             continue
         # the block: the closest ancestor holding a router (a Linear with E outputs outside the experts)
+        inside = [n for n, c in named.items() if isinstance(c, torch.nn.Linear) and c.out_features == E
+                  and (n == path or n.startswith(path + ".") or not path)]
         routers = [n for n, c in named.items() if isinstance(c, torch.nn.Linear) and c.out_features == E
-                   and not (n == path or n.startswith(path + "."))]
-        parts, block = path.split("."), path
+                   and n not in inside]
+        parts, block, routed = path.split("."), path, bool(inside) and not isinstance(m, torch.nn.ModuleList)
         for i in range(len(parts) - 1, -1, -1):
+            if routed:  # stacked weights with their router in the same module: that module is the block
+                break
             anc = ".".join(parts[:i])
             if any(not anc or r.startswith(anc + ".") for r in routers):
-                block = anc
+                block, routed = anc, True
                 break
-        out.setdefault(block or "<top>", what)
+        if routed or not routed_only:
+            out.setdefault(block or "<top>", what)
     return out
 
 

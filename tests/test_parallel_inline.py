@@ -220,3 +220,19 @@ def test_a_block_compiled_on_its_own_is_fused():
     out_ref.square().sum().backward()
     for (n, p), q in zip(block.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_moe_blocks_parallelize_cannot_shard_are_named_not_left_replicated():
+    """Blocks the backend fuses but parallelize does not shard yet (GShard capacity dispatch, experts gathered per
+    token from stacked weights) raise, naming the block, instead of staying replicated without a word."""
+    from models import GShardMoE, InlineGatherMoE
+
+    torch.manual_seed(0)
+    for model, what in [(nn.Sequential(GShardMoE(4, 16, 8)), "capacity dispatch"),
+                        (nn.Sequential(GShardMoE(4, 16, 8, stacked=True)), "cannot shard"),
+                        (nn.Sequential(InlineGatherMoE(4, 16, 8, 2)), "cannot shard")]:
+        before = dict(model.named_parameters())
+        with pytest.raises(ParallelError, match="0: .*" + what):
+            mp_.parallelize(model)
+        assert dict(model.named_parameters()) == before
+        assert not any(mp_.is_expert_param(p) for p in model.parameters())

@@ -174,12 +174,13 @@ def _probe_failed(match: ExpertsMatch) -> bool:
 
 
 def _inline_candidate(m: nn.Module):
-    """(list name, list, router) when ``m`` holds a router Linear with E outputs beside one ModuleList of E MLPs."""
+    """(list name, list, router) when ``m`` holds a router Linear with E outputs (its own, or in a router module
+    of its own, as torchtitan writes it) beside one ModuleList of E MLPs."""
     lname, lst = expert_list(m)
     if lst is None:
         return None
-    routers = [c for n, c in m.named_children() if n != lname and isinstance(c, nn.Linear)
-               and c.out_features == len(lst)]
+    routers = [c for n, c in m.named_modules() if n and not (n == lname or n.startswith(lname + "."))
+               and isinstance(c, nn.Linear) and c.out_features == len(lst)]
     return (lname, lst, routers[0]) if routers else None
 
 
@@ -229,6 +230,10 @@ def recognise_inline(path: str, block: nn.Module, lname: str, lst: nn.ModuleList
         r = ours[0]
         if not r.fused:
             return None, f"{name}: the backend does not fuse this block, so it cannot be sharded: {r.reason}"
+        if r.spec.dispatch != "topk" or not r.slots:
+            return None, (f"{name}: the backend fuses this block as {r.pattern}, which parallelize cannot shard yet "
+                          "(GShard-style capacity dispatch); move the experts into an experts module (forward("
+                          "hidden, topk_idx, topk_weights)) to shard them")
         match = ExpertsMatch(r.spec, {s: list(v) for s, v in r.slots.items()}, "", r.pattern)  # names in lst
         return Found(f"{path}.{lname}" if path else lname, lst, match, r.spec.top_k, block), ""
     return None, f"{name}: tracing the block for parallelize failed ({'; '.join(errors)}); pass example_inputs"
@@ -273,8 +278,11 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             continue
         taken.append(path)
         found.append(Found(path, m, match, k))
+    innermost: dict[str, tuple] = {}  # list path -> the innermost block holding it and its router
     for path, block, (lname, lst, router) in inline:
         lpath = f"{path}.{lname}" if path else lname
+        innermost[lpath] = (path, block, (lname, lst, router))  # named_modules lists parents first
+    for lpath, (path, block, (lname, lst, router)) in innermost.items():
         if any(lpath == t or lpath.startswith(t + ".") for t in taken):
             continue
         if getattr(lst, "_moe_parallel_key", None) is not None:
@@ -285,4 +293,24 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             problems.append(why)
         else:
             found.append(f)
+        taken.append(lpath)
+    problems += _unshardable(model, taken)
     return found, problems, notes
+
+
+def _unshardable(model: nn.Module, taken: list[str]) -> list[str]:
+    """MoE-like blocks (a router beside stacked experts or a list of expert MLPs) holding none of the experts
+    found: parallelize would leave them replicated without a word, so they are reported instead."""
+    from ..explain import moe_like_blocks
+
+    out = []
+    for block, what in moe_like_blocks(model, routed_only=True).items():
+        prefix = "" if block == "<top>" else block
+        if not any(not prefix or t == prefix or t.startswith(prefix + ".") for t in taken):
+            out.append(f"{block}: an MoE block ({what}) that parallelize cannot shard: its experts are neither an "
+                       "experts module (forward(hidden, topk_idx, topk_weights); decorate custom ones with "
+                       "@moe_compile.experts) nor an nn.ModuleList of MLPs dispatched inline beside its router "
+                       "(experts gathered per token from stacked weights, torchtitan's grouped experts and GShard "
+                       "capacity dispatch are fused by the backend but not sharded yet); move the experts into an "
+                       "experts module")
+    return out

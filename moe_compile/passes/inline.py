@@ -110,6 +110,8 @@ def _prune(region: list[fx.Node], seeds: set[fx.Node]) -> list[fx.Node]:
 def _region(gm: fx.GraphModule, parent: str, list_path: str, params: set[fx.Node]):
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
              and (parent == _ROOT or parent in stack_paths(n))]
+    if parent == _ROOT and not any(is_op(n, "topk") for n in nodes):
+        return []  # the compiled module itself, with no router in this graph: a piece resumed after a graph break
     router, from_topk = _router(nodes, list_path, parent)
     region = [n for n in nodes if n not in router]
     inside = set(region)
