@@ -308,7 +308,6 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
             _set_param(m, n, v, old.requires_grad)
             flat_names.append(n)
     remote = _placeholders(m, [e for e in range(lay.E) if e not in owned], f.path) if f.block is not None else []
-    tag_module(m, f.path, sharded=True)
 
     traffic = Traffic()
     world = Comm(group, traffic)
@@ -328,6 +327,7 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
     m._moe_parallel = state
     m._moe_parallel_key = key
     m._moe_parallel_names = tuple(flat_names)
+    tag_module(m, f.path, sharded=True)  # after the state: the tags name its key and each parameter's slot
     if f.block is None:
         m.forward = functools.partial(op.call, m)
         return flat_names
