@@ -50,10 +50,11 @@ def test_inline_block_every_mode_equals_one_process(pool2, pool4, kind):
         assert "of %d experts per rank" % E in res[0]["reports"][-1]
 
 
-def test_inline_block_under_ddp_adamw(pool2, pool4):
+def test_inline_block_under_ddp_adamw_with_clipping(pool2, pool4):
     for pool in (pool2, pool4):
         res = pool.run(testing.ddp_compare, dict(kind="inline", E=4, tokens=6, modes=["expert", "data", "auto"],
-                                                 compile="aot_eager", optim="adamw"))
+                                                 compile="aot_eager", optim="adamw", clip=0.05,
+                                                 clip_on="params"))
         for r in res:
             bad = {k: v for k, v in r["errors"].items() if not v <= TOL}
             assert not bad, r
