@@ -101,6 +101,45 @@ def _data_dependent(err: BaseException) -> bool:
     return False
 
 
+def _ddp_optimizer_in(compiler_fn) -> bool:
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    todo, seen = [compiler_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen or len(seen) > 32:
+            continue
+        seen.add(id(fn))
+        if isinstance(fn, DDPOptimizer):
+            return True
+        todo.extend(getattr(fn, a, None) for a in _WRAPPER_ATTRS)
+    return False
+
+
+def _fuse_before_ddp_split(signature, args, kwargs):
+    """Under ``torch.compile(DistributedDataParallel(model), backend="moe")`` Dynamo hands each frame's graph to
+    DDPOptimizer, which cuts it at gradient-bucket boundaries before the moe backend sees the pieces: a cut inside
+    an MoE block traced inline (its experts loop) would leave it unfused. The MoE blocks are fused on the whole
+    graph first (``passes.fuse_moe``); the fused op is one node, which the cuts go around."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    compiler_fn = bound.arguments.get("compiler_fn")
+    if compiler_fn is None or not _ddp_optimizer_in(compiler_fn):
+        return args, kwargs
+
+    @functools.wraps(compiler_fn)
+    def fuse_then_split(gm, example_inputs, *rest, **kw):
+        from .passes import fuse_moe
+
+        fuse_moe(gm)
+        return compiler_fn(gm, example_inputs, *rest, **kw)
+
+    bound.arguments["compiler_fn"] = fuse_then_split
+    return bound.args, bound.kwargs
+
+
 # --------------------------------------------------------------------------------------------- the frame hook
 _INSTALLED = False
 
@@ -124,6 +163,7 @@ def install() -> None:
                 compiler_fn = None
             if not is_moe_backend(compiler_fn):
                 return original(*args, **kwargs)
+        args, kwargs = _fuse_before_ddp_split(signature, args, kwargs)
         try:
             with moe_scope():
                 return original(*args, **kwargs)

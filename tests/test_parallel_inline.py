@@ -237,3 +237,14 @@ def test_moe_blocks_parallelize_cannot_shard_are_named_not_left_replicated():
             mp_.parallelize(model)
         assert dict(model.named_parameters()) == before
         assert not any(mp_.is_expert_param(p) for p in model.parameters())
+
+
+def test_inline_block_with_ddp_optimizer_buckets(pool2):
+    """DDPOptimizer cuts the compiled graph at bucket boundaries (300-byte buckets: several cuts); the inline block's
+    experts region is fused before the cut and stays one node."""
+    res = pool2.run(testing.ddp_compare, dict(kind="inline", E=4, tokens=6, modes=["expert", "data"], optim="sgd",
+                                              compile="aot_eager", optimize_ddp=True, bucket_cap_mb=0.0003))
+    for r in res:
+        bad = {k: v for k, v in r["errors"].items() if not v <= TOL}
+        assert not bad, r
+        assert r["aot_graphs"] >= 2, r  # the graph really was cut
