@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 4 examples/train_ddp.py --modes expert,data,tensor,auto --compiler inductor
     torchrun --nproc-per-node 4 examples/train_ddp.py --ep 2      # a 2 x 2 data x expert mesh
 
-Every rank trains on its own batch. ``moe_compile.parallel.parallelize`` shards the experts over the ranks (or, with
+Every rank trains on its own batch, gradients clipped by their global norm (``moe_compile.clip_grad_norm_``).
+``moe_compile.parallel.parallelize`` shards the experts over the ranks (or, with
 ``--ep``, over groups of that many ranks, replicated across the groups; DDP then all-reduces only the dense
 weights), the parallel mode changes on every step as ``--modes`` says, and at the end rank 0 checks that the
 weights equal a single-process run on the global batch (``--no-check`` skips it) and writes the whole model and
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import moe_compile
 from moe_compile import parallel
 
 
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--max-norm", type=float, default=0.5, help="clip gradients to this global norm")
     ap.add_argument("--no-check", dest="check", action="store_false")
     ap.add_argument("--save", default=None, help="write the whole model's state dict here (rank 0)")
     args = ap.parse_args()
@@ -77,6 +80,7 @@ def main() -> None:
         ids = batch(step, rank, args, cfg.vocab_size).to(device)
         loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
+        norm = moe_compile.clip_grad_norm_(model, args.max_norm)  # the global norm (torch's sees only shards)
         opt.step()
         opt.zero_grad(set_to_none=True)
         mean = loss.detach().clone()
@@ -86,12 +90,15 @@ def main() -> None:
             ids_all = torch.cat([batch(step, r, args, cfg.vocab_size) for r in range(world)]).to(device)
             ref_loss = reference(input_ids=ids_all, labels=ids_all).loss
             ref_loss.backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), args.max_norm)
             ref_opt.step()
             ref_opt.zero_grad(set_to_none=True)
         if rank == 0:
             ran = parallel.parallel_report(model).blocks[0].last
-            extra = f" (one process: {ref_loss.item():.5f})" if reference is not None else ""
-            print(f"step {step}: mode {mode} -> ran {ran}, loss {mean.item():.5f}{extra}", flush=True)
+            extra = (f" (one process: {ref_loss.item():.5f}, grad norm {ref_norm.item():.5f})"
+                     if reference is not None else "")
+            print(f"step {step}: mode {mode} -> ran {ran}, loss {mean.item():.5f}, grad norm {norm.item():.5f}"
+                  f"{extra}", flush=True)
 
     full = parallel.full_state_dict(model)  # every rank takes part; every rank gets the whole model
     full_optim = parallel.full_optim_state_dict(model, opt)  # the same for the momentum buffers, by name
