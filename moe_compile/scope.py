@@ -72,20 +72,24 @@ def active() -> bool:
 _WRAPPER_ATTRS = ("_torchdynamo_orig_backend", "compiler_fn", "backend_compile_fn", "__wrapped__", "func", "__self__")
 
 
-def is_moe_backend(compiler_fn) -> bool:
-    """Does ``compiler_fn`` (as Dynamo holds it: wrapped for debugging, by ``torch.compile``, by DDPOptimizer) end
-    in :func:`moe_compile.backend.moe_backend`? A backend of one's own that calls ``moe_backend`` counts when it
-    says so the standard way, ``@functools.wraps(moe_compile.moe_backend)`` (its ``__wrapped__``)."""
+def _chain(compiler_fn):
+    """``compiler_fn`` and everything it wraps (Dynamo's debug wrapper, torch.compile's, DDPOptimizer's)."""
     todo, seen = [compiler_fn], set()
     while todo:
         fn = todo.pop()
         if fn is None or id(fn) in seen or len(seen) > 32:
             continue
         seen.add(id(fn))
-        if getattr(fn, "moe_compile_backend", False) is True:  # set on moe_backend (and copied by functools.wraps)
-            return True
+        yield fn
         todo.extend(getattr(fn, a, None) for a in _WRAPPER_ATTRS)
-    return False
+
+
+def is_moe_backend(compiler_fn) -> bool:
+    """Does ``compiler_fn`` (as Dynamo holds it: wrapped for debugging, by ``torch.compile``, by DDPOptimizer) end
+    in :func:`moe_compile.backend.moe_backend`? A backend of one's own that calls ``moe_backend`` counts when it
+    says so the standard way, ``@functools.wraps(moe_compile.moe_backend)`` (its ``__wrapped__``)."""
+    # moe_compile_backend is set on moe_backend (and copied by functools.wraps)
+    return any(getattr(fn, "moe_compile_backend", False) is True for fn in _chain(compiler_fn))
 
 
 def _data_dependent(err: BaseException) -> bool:
@@ -104,16 +108,7 @@ def _data_dependent(err: BaseException) -> bool:
 def _ddp_optimizer_in(compiler_fn) -> bool:
     from torch._dynamo.backends.distributed import DDPOptimizer
 
-    todo, seen = [compiler_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen or len(seen) > 32:
-            continue
-        seen.add(id(fn))
-        if isinstance(fn, DDPOptimizer):
-            return True
-        todo.extend(getattr(fn, a, None) for a in _WRAPPER_ATTRS)
-    return False
+    return any(isinstance(fn, DDPOptimizer) for fn in _chain(compiler_fn))
 
 
 def _fuse_before_ddp_split(signature, args, kwargs):

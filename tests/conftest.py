@@ -14,3 +14,18 @@ def _close_worker_pools():
     import parallel_harness as testing
 
     testing.close_shared()
+
+
+@pytest.fixture
+def pool2():
+    """The gloo worker pool of 2 processes shared by every test of the session (``parallel_harness``)."""
+    import parallel_harness
+
+    return parallel_harness.shared_pool(2)
+
+
+@pytest.fixture
+def pool4():
+    import parallel_harness
+
+    return parallel_harness.shared_pool(4)

@@ -23,16 +23,6 @@ TOL = 1e-5
 CLIP = 0.05  # far below the toy models' gradient norms (~0.3-2): every step is really clipped
 
 
-@pytest.fixture
-def pool2():
-    return testing.shared_pool(2)
-
-
-@pytest.fixture
-def pool4():
-    return testing.shared_pool(4)
-
-
 def _check(results, max_norm=CLIP):
     """Every rank followed the single-process clipped run; every step was clipped; the ranks clipped alike."""
     for rank, r in enumerate(results):

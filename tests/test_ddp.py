@@ -23,16 +23,6 @@ TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def pool2():
-    return testing.shared_pool(2)
-
-
-@pytest.fixture
-def pool4():
-    return testing.shared_pool(4)
-
-
 def _check(results):
     for rank, r in enumerate(results):
         bad = {k: v for k, v in r["errors"].items() if not v <= TOL}

@@ -25,16 +25,6 @@ from moe_compile.parallel.layout import Layout, ParallelError
 TOL = 1e-5
 
 
-@pytest.fixture
-def pool2():
-    return testing.shared_pool(2)
-
-
-@pytest.fixture
-def pool4():
-    return testing.shared_pool(4)
-
-
 def _assert_equal_runs(results, tol=TOL):
     for rank, r in enumerate(results):
         bad = {k: v for k, v in r["errors"].items() if not v <= tol}

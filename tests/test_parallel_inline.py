@@ -22,16 +22,6 @@ from moe_compile.parallel import ParallelError
 TOL = 1e-5
 
 
-@pytest.fixture
-def pool2():
-    return testing.shared_pool(2)
-
-
-@pytest.fixture
-def pool4():
-    return testing.shared_pool(4)
-
-
 def _check(results, tol=TOL):
     for r in results:
         assert r["errors"], r
