@@ -238,3 +238,18 @@ def test_inline_block_with_ddp_optimizer_buckets(pool2):
         bad = {k: v for k, v in r["errors"].items() if not v <= TOL}
         assert not bad, r
         assert r["aot_graphs"] >= 2, r  # the graph really was cut
+
+
+def test_blocks_alike_are_traced_once(monkeypatch):
+    import moe_compile.explain as explain_mod
+    from moe_compile.parallel import find
+
+    calls = []
+    real = explain_mod.regions_of
+    monkeypatch.setattr(explain_mod, "regions_of", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(find, "_INLINE_PROOFS", {})
+    torch.manual_seed(0)
+    mp_.parallelize(testing.ToyInlineMoE(E=4, layers=3))
+    assert len(calls) == 1
+    mp_.parallelize(testing.ToyInlineMoE(E=4, layers=1, gated=False))  # another structure: traced again
+    assert len(calls) == 2

@@ -203,18 +203,48 @@ def _n_required(module: nn.Module) -> int | None:
     return sum(1 for p in ps if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
+_INLINE_PROOFS: dict[tuple, tuple] = {}  # block structure -> the trace's verdict (specs and strings only)
+
+
+def _block_key(block: nn.Module, lname: str, inputs: list) -> tuple:
+    """What the trace of a block depends on: its class and code, its parameters' names, shapes and dtypes, its
+    plain attributes (``top_k``...), and the shapes it is traced on. Blocks alike (every layer of a model) are
+    traced once."""
+    params = tuple((n, tuple(p.shape), str(p.dtype), str(p.device)) for n, p in block.named_parameters())
+    attrs = tuple(sorted((k, v) for m in block.modules() for k, v in vars(m).items()
+                         if isinstance(v, (bool, int, float, str)) and not k.startswith("_")))
+    shapes = tuple((tuple(map(str, a)), tuple(sorted((k, str(v)) for k, v in kw.items()))) for a, kw in
+                   (([(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in args],
+                     {k: (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for k, t in kwargs.items()})
+                    for args, kwargs in inputs))
+    return type(block), type(block).forward.__code__, lname, params, attrs, shapes
+
+
 def recognise_inline(path: str, block: nn.Module, lname: str, lst: nn.ModuleList, inputs: list
                      ) -> tuple[Found | None, str]:
     """Trace ``block`` as the backend would and take the region the inline pass fuses over ``lst``: the
     :class:`Found` (spec and slots as the backend proved them), or None and why not."""
-    from ..explain import regions_of
-
-    mine = {id(p) for p in lst.parameters()}
     name = path or "<model>"
     if not inputs:
         return None, (f"{name}: a router beside a ModuleList of experts, dispatched inline; its forward takes "
                       "other arguments than one hidden-states tensor: pass example_inputs to parallelize so it can "
                       "trace the block")
+    key = _block_key(block, lname, inputs)
+    if key not in _INLINE_PROOFS:
+        _INLINE_PROOFS[key] = _trace_inline(block, lst, inputs)
+    verdict = _INLINE_PROOFS[key]
+    if verdict[0] != "ok":
+        return None, f"{name}: {verdict[1]}"
+    _, spec, slots, pattern = verdict
+    match = ExpertsMatch(spec, {s: list(v) for s, v in slots.items()}, "", pattern)  # names in lst
+    return Found(f"{path}.{lname}" if path else lname, lst, match, spec.top_k, block), ""
+
+
+def _trace_inline(block: nn.Module, lst: nn.ModuleList, inputs: list) -> tuple:
+    """``("ok", spec, slots, pattern)`` or ``("no", why)``, from tracing ``block`` on each argument set in turn."""
+    from ..explain import regions_of
+
+    mine = {id(p) for p in lst.parameters()}
     errors = []
     for args, kwargs in inputs:
         try:
@@ -229,14 +259,13 @@ def recognise_inline(path: str, block: nn.Module, lname: str, lst: nn.ModuleList
             continue
         r = ours[0]
         if not r.fused:
-            return None, f"{name}: the backend does not fuse this block, so it cannot be sharded: {r.reason}"
+            return "no", f"the backend does not fuse this block, so it cannot be sharded: {r.reason}"
         if r.spec.dispatch != "topk" or not r.slots:
-            return None, (f"{name}: the backend fuses this block as {r.pattern}, which parallelize cannot shard yet "
+            return "no", (f"the backend fuses this block as {r.pattern}, which parallelize cannot shard yet "
                           "(GShard-style capacity dispatch); move the experts into an experts module (forward("
                           "hidden, topk_idx, topk_weights)) to shard them")
-        match = ExpertsMatch(r.spec, {s: list(v) for s, v in r.slots.items()}, "", r.pattern)  # names in lst
-        return Found(f"{path}.{lname}" if path else lname, lst, match, r.spec.top_k, block), ""
-    return None, f"{name}: tracing the block for parallelize failed ({'; '.join(errors)}); pass example_inputs"
+        return "ok", r.spec, {s: list(v) for s, v in r.slots.items()}, r.pattern
+    return "no", f"tracing the block for parallelize failed ({'; '.join(errors)}); pass example_inputs"
 
 
 def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], list[str], list[str]]:
