@@ -42,8 +42,8 @@ class Rates:
     gemm_flops: float = 5e10
     measured: bool = False
 
-    def describe(self) -> str:
-        src = "measured" if self.measured else "default"
+    def describe(self, source: str | None = None) -> str:
+        src = source or ("measured" if self.measured else "default")
         return (f"{src}: link {self.bandwidth / 1e9:.2f} GB/s + {self.latency * 1e6:.0f} us/msg, "
                 f"inter-node {self.inter_bandwidth / 1e9:.2f} GB/s + {self.inter_latency * 1e6:.0f} us/msg, "
                 f"GEMM {self.gemm_flops / 1e9:.1f} GFLOP/s")

@@ -9,7 +9,8 @@ Found, in this order:
    ``nn.ModuleList`` of MLP experts (2-3 ``nn.Linear`` each);
 3. with ``example_inputs``: any module the model calls with the experts contract's arguments (a ``[T, H]`` float, a
    ``[T, k]`` integer and a ``[T, k]`` float tensor), seen by forward pre-hooks while the model runs once on fake
-   tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values).
+   tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values). The calls seen
+   also give ``k`` and the tokens per call (``Found.tokens``), which ``auto`` costs its layout choice by.
 
 Each candidate goes through ``passes.detect.recognise_module``, the recognition the backend uses (the same proof on
 random parameters, the same cache): that is what fills the spec and the parameter slots. A module found by its shape
@@ -34,6 +35,7 @@ class Found:
     module: nn.Module
     match: ExpertsMatch
     top_k: int
+    tokens: int | None = None  # tokens per call (the ``[T, k]`` index's T) when the trace saw the module called
 
 
 def _n_forward_args(module: nn.Module) -> int | None:
@@ -87,19 +89,19 @@ def _contract(vals) -> bool:
             and idx.shape[0] == x.shape[0])
 
 
-def _traced(model: nn.Module, example_inputs) -> dict[int, int]:
-    """id(module) -> k for every module the model calls with the experts contract's arguments.
+def _traced(model: nn.Module, example_inputs) -> dict[int, tuple[int, int]]:
+    """id(module) -> (k, tokens per call) for every module the model calls with the experts contract's arguments.
 
     Forward pre-hooks watch every call; the model runs once on fake tensors, or, when its code needs real values
     (a data-dependent experts loop, say), once on the real inputs under ``no_grad``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}
 
     def hook(m, args, kwargs):
         vals = list(args) + list(kwargs.values())
         if _contract(vals):
-            seen[id(m)] = int(vals[1].shape[-1])
+            seen[id(m)] = (int(vals[1].shape[-1]), int(vals[1].shape[0]))
 
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
@@ -158,7 +160,7 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
     for path, m in model.named_modules():
         if any(path == t or path.startswith(t + ".") for t in taken):
             continue
-        if getattr(m, "_moe_parallel_key", None) is not None:
+        if getattr(m, "_moe_parallel_key", None) is not None or getattr(m, "_moe_replicated", None) is not None:
             problems.append(f"{path or '<model>'}: already parallelized")
             taken.append(path)
             continue
@@ -171,7 +173,8 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             if router:
                 inline.append((path, f"{path}.{lname}" if path else lname))
             continue
-        k = traced.get(id(m)) or _top_k(m, parent.get(id(m)))
+        k, tokens = traced.get(id(m), (None, None))
+        k = k or _top_k(m, parent.get(id(m)))
         with _eager_hf_experts(m):
             match = recognise_module(m, top_k=k)
         if not match.ok:
@@ -183,7 +186,7 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
                 notes.append(f"{msg} (not recognised as an experts module; left alone)")
             continue
         taken.append(path)
-        found.append(Found(path, m, match, k))
+        found.append(Found(path, m, match, k, tokens))
     for path, lpath in inline:
         if not any(lpath == t or lpath.startswith(t + ".") for t in taken):
             notes.append(f"{path or '<model>'}: a router beside a ModuleList of experts, but the dispatch is "

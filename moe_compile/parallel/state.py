@@ -33,7 +33,9 @@ from . import cost, dispatch
 from .comm import AllToAll, Comm, Traffic, transpose
 from .layout import Layout
 
-MODES = ("expert", "data", "tensor", "auto")
+MODES = ("expert", "data", "tensor", "auto", "replicate")
+"""Modes ``parallelize`` and ``set_parallel`` take. ``expert``/``data``/``tensor`` run on sharded experts, ``replicate``
+on replicated ones (storage is chosen by ``parallelize`` and never changes), ``auto`` on either."""
 _CODE = {"expert": 0, "data": 1, "tensor": 2}
 _NAME = {v: k for k, v in _CODE.items()}
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
@@ -76,6 +78,8 @@ class ParallelState:
         self.local_names = local_names  # module parameter names, in op order
         self.full_names = full_names  # slot -> the unsharded module's parameter names (for full state dicts)
         self.rates = rates
+        self.rates_fixed = False  # given to parallelize or set_rates: set_parallel("auto") does not measure
+        self.layout_choice: cost.LayoutChoice | None = None  # why parallelize sharded this module
         self.traffic = traffic
         self._weight_itemsize = weight_itemsize
         self.grad_scale = 1.0
@@ -106,6 +110,17 @@ class ParallelState:
 
     def valid_modes(self) -> tuple[str, ...]:
         return ("expert", "data", "tensor", "auto") if self.layout.E < self.layout.W else ("expert", "data", "auto")
+
+    def mode_problem(self, mode: str) -> str | None:
+        """Why this module cannot run ``mode`` (one of ``MODES``), or None (without the module's path)."""
+        if mode in self.valid_modes():
+            return None
+        if mode == "replicate":
+            return (f"its experts are sharded over {self.W} ranks, and 'replicate' runs replicated experts; "
+                    "storage is chosen by parallelize: parallelize(model, mode='replicate') keeps them whole on "
+                    "every rank (and 'auto' does when the cost model estimates it cheaper)")
+        return (f"mode {mode!r} is not available (E={self.layout.E}, W={self.W}): 'tensor' needs fewer experts "
+                "than ranks")
 
     def meta_len(self) -> int:
         return 4 + self.W + self.W * self.layout.E
@@ -183,7 +198,10 @@ class ParallelState:
         ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
         if ddp is not None and id(ddp) not in self._ddp_checked:
             managed = getattr(ddp, "_module_parameters", None) or list(ddp.parameters())
-            if any(getattr(p, "_moe_expert", False) or getattr(p, "_moe_replaced", False) for p in managed):
+            # sharded expert parameters (DDP must ignore them) or the unsharded ones they replaced; replicated
+            # experts modules' parameters are DDP's to all-reduce
+            if any((getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False))
+                   or getattr(p, "_moe_replaced", False) for p in managed):
                 raise RuntimeError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel was built before "
                     "moe_compile.parallelize, so it all-reduces and broadcasts the expert parameters (or holds the "
