@@ -143,21 +143,22 @@ DDP_BUCKET_BYTES = 25 * 2 ** 20  # DistributedDataParallel's default bucket_cap_
 
 
 def allreduce_seconds(nbytes: float, W: int, L: int, r: Rates, bucket_bytes: float = DDP_BUCKET_BYTES) -> float:
-    """DDP's all-reduce of ``nbytes`` of gradients over ``W`` ranks: a ring (reduce-scatter + all-gather) per
-    bucket, ``2 (W-1)/W`` of the bytes per rank and ``2 (W-1)`` messages per bucket (inter-node rates when the
-    ranks span nodes)."""
+    """What ``nbytes`` more gradients add to DDP's all-reduce over ``W`` ranks: a ring (reduce-scatter +
+    all-gather) sends ``2 (W-1)/W`` of the bytes per rank, and each bucket ``2 (W-1)`` messages. DDP all-reduces
+    the dense weights' bucket(s) in every layout, so these bytes add their share of the messages,
+    ``nbytes / bucket_bytes`` buckets' worth (inter-node rates when the ranks span nodes)."""
     if W <= 1 or nbytes <= 0:
         return 0.0
-    buckets = max(1, math.ceil(nbytes / bucket_bytes))
     bw, lat = (r.bandwidth, r.latency) if W <= L else (r.inter_bandwidth, r.inter_latency)
-    return 2 * (W - 1) * (buckets * lat + nbytes / W / bw)
+    return 2 * (W - 1) * (nbytes / bucket_bytes * lat + nbytes / W / bw)
 
 
 def replicated_seconds(lay: Layout, tokens: float, k: int, r: Rates, L: int, weight_itemsize: int) -> float:
     """One forward + backward of a replicated experts module (whole on every rank): the rank's own
     ``tokens * k`` rows at GEMM speed, 3 passes (forward, and the backward's two; activations are kept, nothing
-    is recomputed), plus DDP's all-reduce of the experts' gradients (as many bytes as their weights), counted in
-    full although DDP overlaps it with the rest of the backward. One call per step is assumed."""
+    is recomputed), plus what the experts' gradients (as many bytes as their weights) add to DDP's all-reduce
+    (``allreduce_seconds``), counted in full although DDP overlaps it with the rest of the backward. One call
+    per step is assumed."""
     compute = 3 * tokens * k * flops_per_row(lay.H, lay.F, lay.gated) / r.gemm_flops
     return compute + allreduce_seconds(lay.expert_weight_bytes(weight_itemsize), lay.W, L, r)
 
@@ -254,11 +255,16 @@ def project(lay: Layout, tokens: int, k: int, r: Rates, L: int, itemsize: int = 
 def measure_rates(world, H: int, F: int, dtype: torch.dtype, intra=None, inter=None, device=None) -> Rates:
     """Time a small and a large all-to-all and a GEMM on this group; every rank returns the same (slowest) rates.
 
-    ``world``/``intra``/``inter`` are ``comm.Comm``; a few milliseconds on gloo.
+    ``world``/``intra``/``inter`` are ``comm.Comm``; some tens of milliseconds on gloo. The latency is the median
+    of a few one-row exchanges (what a step's small messages see); the large exchange and the GEMM take the
+    fastest of a few repetitions (load only ever adds time), and the link's bandwidth is taken from at least half
+    the large exchange's time (``big - small`` alone, both noisy, can come out near zero and the bandwidth near
+    infinite).
     """
     device = device or torch.device("cpu")
+    big_rows = 4096
 
-    def a2a_time(c, rows: int, reps: int = 3) -> float:
+    def a2a_time(c, rows: int, reps: int = 5, typical: bool = False) -> float:
         buf = torch.zeros(rows * c.size, 256, dtype=torch.float32, device=device)
         splits = [rows] * c.size
         c.all_to_all(buf, splits, splits)  # warm up
@@ -267,26 +273,29 @@ def measure_rates(world, H: int, F: int, dtype: torch.dtype, intra=None, inter=N
             t0 = time.perf_counter()
             c.all_to_all(buf, splits, splits)
             ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+        return sorted(ts)[len(ts) // 2] if typical else min(ts)
 
     def link(c):
         if c is None or c.size == 1:
             return None
-        small, big = a2a_time(c, 1), a2a_time(c, 1024)
-        nbytes = 1023 * 256 * 4 * (c.size - 1)
+        small, big = a2a_time(c, 1, typical=True), a2a_time(c, big_rows)
+        nbytes = (big_rows - 1) * 256 * 4 * (c.size - 1)
         lat = small / (c.size - 1)
-        return max(1.0, nbytes / max(big - small, 1e-9)), max(lat, 1e-7)
+        return max(1.0, nbytes / max(big - small, 0.5 * big, 1e-9)), max(lat, 1e-7)
 
     a = torch.randn(512, H, dtype=dtype, device=device)
     b = torch.randn(H, 2 * F, dtype=dtype, device=device)
     a @ b
-    t0 = time.perf_counter()
+    ts = []
     for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    gemm = (time.perf_counter() - t0) / 3
-    flops = 2.0 * 512 * H * 2 * F / max(gemm, 1e-9)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ts.append(time.perf_counter() - t0)
+    flops = 2.0 * 512 * H * 2 * F / max(min(ts), 1e-9)
 
     hier = intra is not None and inter is not None
     bw, lat = link(intra if hier else world) or (1e9, 5e-5)
