@@ -2,10 +2,17 @@
 
     python benchmarks/bench_parallel.py                       # W = 2 and 4 on this machine, then the projection
     python benchmarks/bench_parallel.py --no-run              # the projection only (plot: benchmarks/out/)
+    python benchmarks/bench_parallel.py --no-run --crossover  # the measured layout crossover (W = 2), projection
 
 Part 1 runs one MoE layer (router + experts, forward + backward) on W gloo processes, for each parallel mode and
 for "auto", and reports the time per step (slowest rank, median of --steps) and the bytes each rank sent per step.
 The row marked ``*`` is the mode "auto" chose.
+
+Part 1b (``--crossover``) measures where replicated experts stop paying: one MoE layer under DDP (compiled with
+``backend="moe"``, forward + backward, slowest rank, median), for experts modules from small to large (``--sizes``,
+E:H:F), at W = 2: plain DDP (the unparallelized model), replicated (``parallelize(mode="replicate")``), sharded in
+``expert`` and in ``data`` mode, and ``parallelize(mode="auto", tokens_per_call=...)``, each as a time ratio to
+plain DDP, with the layout auto chose and the cost model's estimates behind it.
 
 Part 2 projects the same comparison with the cost model (``moe_compile.parallel.cost``) for 8 to 1024 GPUs,
 first all on NVLink, then 8 GPUs per node joined by InfiniBand (hierarchical all-to-all, and flat for
@@ -83,6 +90,100 @@ def run_measured(args) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------- part 1b: crossover
+VARIANTS = ("plain", "replicated", "expert", "data", "auto")
+
+
+def _one_step(run, model, x) -> float:
+    """One timed forward + backward, the slowest rank's seconds."""
+    model.zero_grad(set_to_none=True)
+    dist.barrier()
+    t0 = time.perf_counter()
+    run(x).square().mean().backward()
+    t = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def crossover_worker(cfg: dict) -> list[dict]:
+    """Per size: build the variants, compile and warm each up, then time them round-robin (one step of each per
+    round, so that the machine's load drifts over all of them alike)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from moe_compile import parallel
+    import parallel_harness as testing
+
+    T, rows = cfg["tokens"], []
+    for E, H, F in cfg["sizes"]:
+        torch.manual_seed(0)
+        base = testing.ToyMoE("stacked", E=E, H=H, F=F, k=cfg["k"], layers=1)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(dist.get_rank()))
+        row = {"E": E, "H": H, "F": F, "MB": sum(p.numel() * 4 for p in base.blocks[0].experts.parameters()) / 1e6}
+        cost.RATES.clear()  # auto measures the rates with this size's GEMM, as it would for a user's model
+        built = {}
+        for name, mode in (("plain", None), ("replicated", "replicate"), ("sharded", "expert"), ("auto", "auto")):
+            model = copy.deepcopy(base)
+            if mode is not None:
+                parallel.parallelize(model, mode=mode, **({"tokens_per_call": T} if mode == "auto" else {}))
+            run = DistributedDataParallel(model)
+            if cfg["compiler"] != "none":
+                torch._dynamo.reset()  # a fresh cache per model: no recompile limit across the variants
+                run = torch.compile(run, backend="moe", options={"compiler": cfg["compiler"]})
+            built[name] = (run, model)
+        plan = [(v, built["sharded" if v in ("expert", "data") else v], v if v in ("expert", "data") else None)
+                for v in VARIANTS]
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for rnd in range(cfg["warmup"] + cfg["steps"]):
+            for v, (run, model), mode in plan:
+                if mode is not None:
+                    parallel.set_parallel(model, mode)
+                t = _one_step(run, model, x)
+                if rnd >= cfg["warmup"]:
+                    times[v].append(t)
+        for v in VARIANTS:
+            row[v] = 1e3 * statistics.median(times[v])
+            row[v + "_min"] = 1e3 * min(times[v])
+        rep = parallel.parallel_report(built["auto"][1])
+        b = rep.blocks[0]
+        row["auto_ran"] = "replicated" if b.layout == "replicated" else f"sharded, {b.last}"
+        row["estimate"] = {m: 1e3 * v for m, v in b.layout_estimate.items()}
+        row["rates"] = rep.rates
+        rows.append(row)
+    return rows
+
+
+def run_crossover(args) -> list[dict]:
+    from parallel_harness import WorkerPool
+
+    cfg = dict(tokens=args.cross_tokens, k=args.k, sizes=args.sizes, compiler=args.compiler, warmup=2,
+               steps=args.steps)
+    with WorkerPool(2, timeout=1800) as pool:
+        rows = pool.run(crossover_worker, cfg, timeout=1800)[0]
+    print(f"\nCrossover at W = 2 (gloo, CPU, torch.compile(DDP(model), backend='moe', compiler {args.compiler})): "
+          f"one MoE layer, {args.cross_tokens} tokens/rank, k={args.k}, forward + backward, {args.steps} rounds "
+          "(slowest rank); ms and time / plain DDP's")
+    for stat, key in (("median", ""), ("min", "_min")):
+        print(f"\n  {stat} of the rounds:")
+        head = f"  {'E':>4} {'H':>5} {'F':>5} {'experts MB':>10}  {'plain DDP':>9}"
+        print(head + "".join(f"  {m:>16}" for m in VARIANTS[1:]) + "   auto chose")
+        for r in rows:
+            line = f"  {r['E']:>4} {r['H']:>5} {r['F']:>5} {r['MB']:>10.2f}  {r['plain' + key]:>9.1f}"
+            for m in VARIANTS[1:]:
+                line += f"  {r[m + key]:>8.1f} ({r[m + key] / r['plain' + key]:.2f}x)"
+            print(line + f"   {r['auto_ran']}")
+    print("\n  the cost model's estimates behind auto's choice (ms per forward + backward of the experts call) and "
+          "the rates measured by parallelize:")
+    print(f"  {'E':>4} {'H':>5} {'F':>5}  {'replicated':>10} {'expert':>10} {'data':>10}   rates")
+    for r in rows:
+        est = r["estimate"]
+        print(f"  {r['E']:>4} {r['H']:>5} {r['F']:>5}  "
+              + " ".join(f"{est[m]:>10.2f}" if m in est else f"{'-':>10}" for m in ("replicated", "expert", "data"))
+              + f"   {r['rates']}")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- part 2: projected
 SHAPES = {
     "mixtral-8x7b (E=8, H=4096, F=14336, k=2)": dict(E=8, H=4096, F=14336, k=2),
@@ -110,7 +211,9 @@ def projection(tokens: int) -> list[dict]:
                 est = cost.project(lay, tokens, shape["k"], rates, per_node, itemsize=2, hierarchical=True)
                 flat = cost.project(lay, tokens, shape["k"], rates, per_node, itemsize=2, hierarchical=False)
                 best = min(est, key=est.get)
-                rows.append({"shape": name, "network": net, "W": W, "auto": best,
+                rep = cost.replicated_seconds(lay, tokens, shape["k"], rates, per_node, 2)
+                rows.append({"shape": name, "network": net, "W": W,
+                             "auto": "replicated" if rep < est[best] else best, "replicated_ms": 1e3 * rep,
                              **{f"{m}_ms": 1e3 * s for m, s in est.items()},
                              "expert_flat_ms": 1e3 * flat["expert"]})
     return rows
@@ -119,17 +222,18 @@ def projection(tokens: int) -> list[dict]:
 def print_projection(rows: list[dict], tokens: int) -> None:
     print(f"\nCost-model projection: {tokens} tokens per GPU, bf16, forward + backward of one MoE layer (ms); "
           "NVLink = every GPU on one NVLink domain, InfiniBand = 8 GPUs per node (hierarchical all-to-all; "
-          "'flat' = one-level all-to-all)")
+          "'flat' = one-level all-to-all); replicated = every GPU holds all experts, DDP all-reduces their "
+          "gradients (auto's choice at parallelize time when cheapest)")
     for name in SHAPES:
         for net in ("nvlink", "infiniband"):
             sel = [r for r in rows if r["shape"] == name and r["network"] == net]
             print(f"\n  {name}, {net}")
-            head = f"  {'GPUs':>6} {'expert':>9} {'data':>9} {'tensor':>9}"
+            head = f"  {'GPUs':>6} {'replicated':>10} {'expert':>9} {'data':>9} {'tensor':>9}"
             head += f" {'flat a2a':>9}" if net == "infiniband" else ""
             print(head + "   auto")
             for r in sel:
                 t = f"{r['tensor_ms']:9.2f}" if "tensor_ms" in r else f"{'-':>9}"
-                line = f"  {r['W']:>6} {r['expert_ms']:9.2f} {r['data_ms']:9.2f} {t}"
+                line = f"  {r['W']:>6} {r['replicated_ms']:10.2f} {r['expert_ms']:9.2f} {r['data_ms']:9.2f} {t}"
                 line += f" {r['expert_flat_ms']:9.2f}" if net == "infiniband" else ""
                 print(line + f"   {r['auto']}")
 
@@ -145,7 +249,7 @@ def plot(rows: list[dict], path: str) -> None:
         for j, net in enumerate(("nvlink", "infiniband")):
             ax = axes[i][j]
             sel = [r for r in rows if r["shape"] == name and r["network"] == net]
-            keys = ["expert", "data", "tensor"] + (["expert_flat"] if net == "infiniband" else [])
+            keys = ["replicated", "expert", "data", "tensor"] + (["expert_flat"] if net == "infiniband" else [])
             for key in keys:
                 pts = [(r["W"], r[f"{key}_ms"]) for r in sel if f"{key}_ms" in r]
                 if pts:
@@ -174,6 +278,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gpu-tokens", type=int, default=4096, help="tokens per GPU (projection)")
     ap.add_argument("--no-run", dest="run", action="store_false", help="skip the measured part")
+    ap.add_argument("--crossover", action="store_true", help="measure the replicated / sharded crossover (W = 2)")
+    ap.add_argument("--sizes", default="2:64:128,8:128:256,32:128:256,64:256:512,128:256:512",
+                    type=lambda s: [tuple(int(v) for v in t.split(":")) for t in s.split(",")],
+                    help="crossover experts sizes, E:H:F,...")
+    ap.add_argument("--cross-tokens", type=int, default=256, help="tokens per rank (crossover)")
+    ap.add_argument("--compiler", default="aot_eager", choices=["aot_eager", "inductor", "eager", "none"],
+                    help="crossover: torch.compile(DDP(model), backend='moe') with this compiler ('none': eager)")
     ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
                                                    "bench_parallel.png"),
                     help="where to write the projection plot ('' = none)")
@@ -181,13 +292,14 @@ def main() -> None:
     args = ap.parse_args()
 
     measured = run_measured(args) if args.run else []
+    crossover = run_crossover(args) if args.crossover else []
     proj = projection(args.gpu_tokens)
     print_projection(proj, args.gpu_tokens)
     if args.plot:
         plot(proj, args.plot)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"measured": measured, "projection": proj}, f, indent=1)
+            json.dump({"measured": measured, "crossover": crossover, "projection": proj}, f, indent=1)
 
 
 if __name__ == "__main__":

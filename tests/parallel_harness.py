@@ -516,7 +516,8 @@ def ddp_compare(case: dict) -> dict:
     (experts group size; smaller than the world: a ``(W/ep) x ep`` data x expert mesh), mesh ("device_mesh" or
     "groups": how that mesh is made and handed to parallelize), resync (load the reference's weights into the
     parallel model after each step, so fp32 rounding does not compound over the steps; optimizer state is never
-    resynced), float64 (run everything in float64: no rounding to compound, differences ~1e-15), clip (a max_norm:
+    resynced), float64 (run everything in float64: no rounding to compound, differences ~1e-15), parallelize
+    (more keywords for parallelize: tokens_per_call, rates; replicated experts count as expert_grad), clip (a max_norm:
     after the backward the reference clips with torch.nn.utils.clip_grad_norm_ and the parallel model with
     moe_compile.clip_grad_norm_; the returned norms are compared as "clip_norm" and listed per step as "norm" and
     "norm_ref"), norm_type (of the clipping, default 2), clip_on (what the parallel model clips: "run" the
@@ -546,7 +547,8 @@ def ddp_compare(case: dict) -> dict:
         kw = dict(mesh=mesh) if mesh is not None else dict(group=ep_group, dp_group=dp_group)
     else:
         kw = {}
-    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0], **kw)
+    par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0], **kw, **case.get("parallelize", {}))
+    facts: dict = {"per_step": [], "report": str(api.parallel_report(par))}
     old_opt_ddp, old_first = torch._dynamo.config.optimize_ddp, dist._DEFAULT_FIRST_BUCKET_BYTES
     if "bucket_cap_mb" in case:  # DDP and DDPOptimizer want the first bucket no larger than the others
         dist._DEFAULT_FIRST_BUCKET_BYTES = min(old_first, int(case["bucket_cap_mb"] * 2 ** 20))
@@ -563,7 +565,6 @@ def ddp_compare(case: dict) -> dict:
     opt_ref = _optimizer(optim, ref.parameters(), lr)
     opt_par = _optimizer(optim, par.parameters(), lr)
     errs: dict[str, float] = {}
-    facts: dict = {"per_step": []}
 
     def note(name, value):
         errs[name] = value if math.isnan(value) else max(errs.get(name, 0.0), value)
@@ -600,6 +601,8 @@ def ddp_compare(case: dict) -> dict:
             for n, p in par.named_parameters():
                 if not api.is_expert_param(p):
                     note("dense_grad", rel(p.grad, ref_grads[n], floor))  # DDP averaged it
+                elif not getattr(p, "_ddp_ignored", False):  # a replicated experts module's: DDP averaged it too
+                    note("expert_grad", rel(p.grad, ref_grads[n], floor))
             for path, m in api.tags.parallel_modules(par):
                 full = {n: ref_grads[f"{path}.{n}"] for s in m._moe_parallel.full_names.values() for n in s}
                 for n, v in api.checkpoint.local_from_full(m, full).items():

@@ -7,7 +7,8 @@
     moe_compile.set_parallel(model, "data")         # any step; no recompile
 
 See ``docs/parallel.md``. Modules: ``layout`` (where weights live), ``dispatch`` (where tokens go), ``comm``
-(functional collectives, hierarchical all-to-all), ``cost`` (the auto mode's model), ``state`` (per-mode math),
+(functional collectives, hierarchical all-to-all), ``cost`` (the auto mode's model, per call and for the
+storage layout), ``replicate`` (experts ``auto`` keeps whole on every rank), ``state`` (per-mode math),
 ``op`` (the custom op), ``find`` (finding experts modules); the functions below: ``setup`` (``parallelize``:
 checks, sharding), ``modes`` (``set_parallel``), ``tags`` (expert parameters for DDP), ``checkpoint`` (state dicts at
 any world size), ``clip`` (gradient clipping by the whole model's norm), ``report``.

@@ -9,7 +9,8 @@ Found, in this order:
    ``nn.ModuleList`` of MLP experts (2-3 ``nn.Linear`` each);
 3. with ``example_inputs``: any module the model calls with the experts contract's arguments (a ``[T, H]`` float, a
    ``[T, k]`` integer and a ``[T, k]`` float tensor), seen by forward pre-hooks while the model runs once on fake
-   tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values).
+   tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values). The calls seen
+   also give ``k`` and the tokens per call (``Found.tokens``), which ``auto`` costs its layout choice by.
 
 Each candidate goes through ``passes.detect.recognise_module``, the recognition the backend uses (the same proof on
 random parameters, the same cache): that is what fills the spec and the parameter slots. A module found by its shape
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ class Found:
     match: ExpertsMatch
     top_k: int
     block: nn.Module | None = None  # the block around an inline ModuleList (None for experts modules)
+    tokens: int | None = None  # tokens per call (the ``[T, k]`` index's T) when the trace saw the module called
 
 
 def _n_forward_args(module: nn.Module) -> int | None:
@@ -111,21 +114,21 @@ def _draw(d):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = None) -> dict[int, int]:
-    """id(module) -> k for every module the model calls with the experts contract's arguments; the first call's
+def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = None) -> dict[int, tuple[int, int]]:
+    """id(module) -> (k, tokens per call) for every module the model calls with the experts contract's arguments; the first call's
     arguments of the modules in ``watch`` (id -> list to fill with ``(args, kwargs)`` descriptions).
 
     Forward pre-hooks watch every call; the model runs once on fake tensors, or, when its code needs real values
     (a data-dependent experts loop, say), once on the real inputs under ``no_grad``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}
     watch = watch if watch is not None else {}
 
     def hook(m, args, kwargs):
         vals = list(args) + list(kwargs.values())
         if _contract(vals):
-            seen[id(m)] = int(vals[1].shape[-1])
+            seen[id(m)] = (int(vals[1].shape[-1]), int(vals[1].shape[0]))
         if id(m) in watch and not watch[id(m)]:
             watch[id(m)].append(([_describe(a) for a in args], {k: _describe(v) for k, v in kwargs.items()}))
 
@@ -282,7 +285,7 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
     for path, m in model.named_modules():
         if any(path == t or path.startswith(t + ".") for t in taken):
             continue
-        if getattr(m, "_moe_parallel_key", None) is not None:
+        if any(getattr(m, a, None) is not None for a in ("_moe_parallel_key", "_moe_replicated")):
             problems.append(f"{path or '<model>'}: already parallelized (parallelize runs once per model; change "
                             "the mode with moe_compile.set_parallel(model, mode))")
             taken.append(path)
@@ -294,7 +297,8 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             if cand is not None:
                 inline.append((path, m, cand))
             continue
-        k = traced.get(id(m)) or _top_k(m, parent.get(id(m)))
+        k, tokens = traced.get(id(m), (None, None))
+        k = k or _top_k(m, parent.get(id(m)))
         with _eager_hf_experts(m):
             match = recognise_module(m, top_k=k)
         if not match.ok:
@@ -306,7 +310,7 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
                 notes.append(f"{msg} (not recognised as an experts module; left alone)")
             continue
         taken.append(path)
-        found.append(Found(path, m, match, k))
+        found.append(Found(path, m, match, k, tokens=tokens))
     innermost: dict[str, tuple] = {}  # list path -> the innermost block holding it and its router
     for path, block, (lname, lst, router) in inline:
         lpath = f"{path}.{lname}" if path else lname
@@ -314,13 +318,17 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
     for lpath, (path, block, (lname, lst, router)) in innermost.items():
         if any(lpath == t or lpath.startswith(t + ".") for t in taken):
             continue
-        if getattr(lst, "_moe_parallel_key", None) is not None:
-            problems.append(f"{lpath}: already parallelized")
+        if any(getattr(lst, a, None) is not None for a in ("_moe_parallel_key", "_moe_replicated")):
+            problems.append(f"{lpath}: already parallelized (parallelize runs once per model; change the mode "
+                            "with moe_compile.set_parallel(model, mode))")
             continue
-        f, why = recognise_inline(path, block, lname, lst, _trial_inputs(block, router, blocks.get(id(block), [])))
+        seen = blocks.get(id(block), [])
+        f, why = recognise_inline(path, block, lname, lst, _trial_inputs(block, router, seen))
         if f is None:
             problems.append(why)
         else:
+            first = next((a for a in seen[0][0] if a[0] == "tensor"), None) if seen else None
+            f.tokens = math.prod(first[1][:-1]) if first is not None else None  # the hidden states' tokens
             found.append(f)
         taken.append(lpath)
     problems += _unshardable(model, taken)

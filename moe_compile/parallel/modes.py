@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import cost
 from .comm import Comm
 from .layout import ParallelError
 from .state import MODES, ParallelState
-from .tags import device_of, parallel_states
+from .tags import device_of, parallel_states, replicated_records
 
 def set_parallel(model: nn.Module, mode: str) -> nn.Module:
     """Run ``mode`` from the next experts call on (every parallelized experts module of ``model``).
 
     Call it on every rank with the same mode, between steps. It checks agreement with one tiny all-gather and
-    raises on every rank, changing nothing, when a rank asks for another mode or a mode a module cannot run.
+    raises on every rank, changing nothing, when a rank asks for another mode or a mode a module cannot run:
+    ``tensor`` with ``E >= W``; ``expert``/``data``/``tensor`` on a module ``parallelize`` kept replicated;
+    ``replicate`` on a sharded one (storage is chosen by ``parallelize`` only). ``auto`` runs on either.
     Compiled graphs are not recompiled: the mode is read when the op runs.
     """
     states = parallel_states(model)
-    if not states:
+    replicated = replicated_records(model)
+    if not states and not replicated:
         noop = [m for m in model.modules() if getattr(m, "_moe_parallel_noop", False)]
         if not noop:
             raise ParallelError("moe_compile.set_parallel: the model has no parallelized experts modules; call "
@@ -28,35 +32,48 @@ def set_parallel(model: nn.Module, mode: str) -> nn.Module:
         for m in noop:
             m._moe_parallel_mode = mode
         return model
-    local_err = [st.path for st in states if mode not in st.valid_modes()] if mode in MODES else []
+    records = states + replicated
+    by_problem: dict[str, list[str]] = {}
+    for r in records if mode in MODES else []:
+        why = r.mode_problem(mode)
+        if why:
+            by_problem.setdefault(why, []).append(r.path)
+    problems = [f"{', '.join(paths)}: {why}" for why, paths in by_problem.items()]
     code = MODES.index(mode) if mode in MODES else -1
     groups = []
-    for st in states:
-        if not any(st.world.group is g for g in groups):
-            groups.append(st.world.group)
+    for g in [st.world.group for st in states] + [r.group for r in replicated]:
+        if g is not None and not any(g is h for h in groups):
+            groups.append(g)
+    tables = []
     for g in groups:
         c = Comm(g)
-        table = c.all_gather(torch.tensor([code, len(local_err)], dtype=torch.long,
-                                          device=device_of(states))).view(c.size, 2).tolist()
+        device = torch.device("cuda", torch.cuda.current_device()) if _on_cuda(g) else torch.device("cpu")
+        tables.append(c.all_gather(torch.tensor([code, len(problems)], dtype=torch.long,
+                                                device=device)).view(c.size, 2).tolist())
+    if not tables:  # replicated modules only, unpickled (no process group): this rank's view
+        tables = [[[code, len(problems)]]]
+    for table in tables:
         names = [MODES[t[0]] if t[0] >= 0 else "<unknown>" for t in table]
-        if any(t != table[0] for t in table) or code < 0 or local_err:
+        if any(t != table[0] for t in table) or code < 0 or problems:
             if any(n != names[0] for n in names):
                 why = "ranks disagree on the parallel mode: " + ", ".join(
                     f"rank {r} {n!r}" for r, n in enumerate(names))
             elif code < 0:
                 why = f"unknown parallel mode {mode!r}; known: {MODES}"
             else:
-                lay = next(st.layout for st in states if st.path in local_err)
-                why = (f"mode {mode!r} is not available for {', '.join(local_err)} (E={lay.E}, W={lay.W}): "
-                       "'tensor' needs fewer experts than ranks")
+                why = "; ".join(problems)
             raise ParallelError("moe_compile.set_parallel: " + why + "; nothing was changed")
     if mode == "auto":
         for st in states:
-            if not st.rates.measured:
+            if not st.rates.measured and not st.rates_fixed:
                 _measure(st)
-    for st in states:
-        st.mode = mode
+    for r in records:
+        r.mode = mode
     return model
+
+
+def _on_cuda(group) -> bool:
+    return dist.get_backend(group) == "nccl" and torch.cuda.is_available()
 
 
 def _measure(st: ParallelState) -> None:
@@ -72,14 +89,16 @@ def _measure(st: ParallelState) -> None:
 
 def get_parallel(model: nn.Module) -> str | None:
     """The mode set on ``model``'s experts modules (None if it was never parallelized)."""
-    states = parallel_states(model)
-    if states:
-        return states[0].mode
+    records = parallel_states(model) + replicated_records(model)
+    if records:
+        return records[0].mode
     noop = [m for m in model.modules() if getattr(m, "_moe_parallel_noop", False)]
     return noop[0]._moe_parallel_mode if noop else None
 
 
 def set_rates(model: nn.Module, rates: cost.Rates) -> None:
-    """Use ``rates`` (instead of measured ones) in ``model``'s auto decisions (same on every rank)."""
+    """Use ``rates`` (instead of measured ones) in ``model``'s per-call auto decisions (same on every rank);
+    ``set_parallel(model, "auto")`` then measures nothing. The storage layout was chosen by ``parallelize``
+    (with its ``rates=``) and does not change."""
     for st in parallel_states(model):
-        st.rates = rates
+        st.rates, st.rates_fixed = rates, True

@@ -16,6 +16,7 @@ from . import cost, op
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
 from .layout import Layout, ParallelError, check_sizes
+from .replicate import choose_layouts, replicate_module
 from .state import MODES, SLOTS, ParallelState
 from .tags import ddp_ignore_names, mark_replaced, tag_inline_list, tag_module, unwrap_for_parallelize
 
@@ -107,8 +108,10 @@ def _check_replicas(sig, group, dp_group, rank, W, DP, why: str | None) -> str |
 # --------------------------------------------------------------------------------------------- parallelize
 def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs=None, *,
                 local_world_size: int | None = None, capacity_factor: float | None = None,
-                dp_group=None, mesh=None) -> nn.Module:
-    """Shard every experts module of ``model`` over ``group`` (default: the world) and return ``model``.
+                dp_group=None, mesh=None, tokens_per_call: int | None = None,
+                rates: cost.Rates | None = None) -> nn.Module:
+    """Shard every experts module of ``model`` over ``group`` (default: the world), or keep it replicated, and
+    return ``model``.
 
     Call it on every rank of the group, after building (or loading) the model and before wrapping it in
     ``DistributedDataParallel``, ``torch.compile`` and creating the optimizer.
@@ -121,6 +124,12 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
       ``model._ddp_params_and_buffers_to_ignore``, so DDP neither broadcasts nor all-reduces them.
     - Replaces each experts module's forward with one ``moe_compile::parallel_experts`` call that runs ``mode``
       ("expert", "data", "tensor" when ``E < W``, or "auto"), switchable with :func:`set_parallel`.
+    - ``mode="replicate"`` keeps every experts module whole on every rank instead (tagged, not ignored by DDP,
+      its own forward: plain DDP's step). ``mode="auto"`` chooses per module between replicated and sharded
+      storage with the cost model (``cost.choose_layout``), for ``tokens_per_call`` tokens per experts call,
+      else the count the ``example_inputs`` trace saw; without either it shards, as before. ``rates``
+      (a ``cost.Rates``, the same on every rank) replaces the rates measured on the group for that choice and
+      for the per-call ones. :func:`parallel_report` says which layout each module got and why.
 
     Without a process group (or a group of one rank) nothing is sharded; parameters are still tagged.
     ``local_world_size`` (default: ``$LOCAL_WORLD_SIZE`` as torchrun sets it) makes the all-to-alls
@@ -165,6 +174,14 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     errors: list[str] = []
     if mode not in MODES:
         errors.append(f"unknown parallel mode {mode!r}; known: {MODES}")
+    if tokens_per_call is not None and (not isinstance(tokens_per_call, int) or isinstance(tokens_per_call, bool)
+                                        or tokens_per_call < 1):
+        errors.append(f"tokens_per_call must be a positive int (tokens per experts call), got {tokens_per_call!r}")
+    if rates is not None and not isinstance(rates, cost.Rates):
+        errors.append(f"rates must be a moe_compile.parallel.Rates, got {type(rates).__name__}")
+    if mode == "replicate" and dp_group is not None:
+        errors.append("mode 'replicate' keeps every expert on every rank; mesh= / dp_group= only shape sharded "
+                      "experts: drop them, or use a sharded mode")
     try:
         found, problems, notes = find_experts(root, example_inputs)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
@@ -183,23 +200,19 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
             L, why = ranks_per_node(dist.get_process_group_ranks(group), per_node)
             if why:
                 notes.append(why)
-    for f in found:
+    unshardable: dict[int, str] = {}  # under auto: replicated instead of an error
+    for i, f in enumerate(found):
         s = f.match.spec
         dtypes = {p.dtype for p in f.module.parameters()}
         if len(dtypes) != 1:
             errors.append(f"{f.path}: expert parameters of mixed dtypes {sorted(map(str, dtypes))}")
-        if W > 1 and mode in MODES:
-            why = check_sizes(s.num_experts, W, s.ffn)
-            if why:
+        if W > 1 and mode in MODES and mode != "replicate":
+            why = check_sizes(s.num_experts, W, s.ffn) or _inline_problem(f, W)
+            if why and mode == "auto" and dp_group is None:
+                unshardable[i] = why
+                notes.append(f"{f.path}: {why}; auto keeps it replicated")
+            elif why:
                 errors.append(f"{f.path}: {why}")
-            elif f.block is not None and s.num_experts < W:
-                errors.append(f"{f.path}: the experts of a block that dispatches inline are sharded whole, which "
-                              f"needs at least as many experts as ranks (E={s.num_experts}, W={W}); for fewer "
-                              "experts than ranks move them into an experts module (forward(hidden, topk_idx, "
-                              "topk_weights), or @moe_compile.experts), whose hidden size can be split")
-            elif f.block is not None and s.score_on_input:
-                errors.append(f"{f.path}: the routing weight scales the experts' input; the parallel modes "
-                              "apply it to their output only")
             elif mode == "tensor" and s.num_experts >= W:
                 errors.append(f"{f.path}: mode 'tensor' splits experts over ranks and needs fewer experts than ranks "
                               f"(E={s.num_experts}, W={W}); use 'expert', 'data' or 'auto'")
@@ -216,7 +229,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         return model
 
     # every rank checks the others' view before anything changes (one small all-gather of a description)
-    sig = {"mode": mode, "W": W, "L": L,
+    sig = {"mode": mode, "W": W, "L": L, "rates": rates,
            "blocks": [(f.path, f.match.spec.to_json(), str(next(f.module.parameters()).dtype)) for f in found]}
     views: list = [None] * W
     dist.all_gather_object(views, (sig, errors), group=group)
@@ -245,22 +258,46 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         intra = _subgroup([granks[n * L + j] for j in range(L)])
         inter = _subgroup([granks[m * L + l] for m in range(W // L)])
     rkey = (tuple(granks), L)
-    if mode == "auto" and rkey not in cost.RATES:
+    if mode == "auto" and rates is None and rkey not in cost.RATES:
         s0 = found[0].match.spec
         cost.RATES[rkey] = cost.measure_rates(
             world0, s0.hidden, s0.ffn, next(found[0].module.parameters()).dtype,
             Comm(intra) if intra is not None else None, Comm(inter) if inter is not None else None,
             device=next(found[0].module.parameters()).device)
+    run_rates = rates if rates is not None else cost.RATES.get(rkey, cost.Rates())
+    choices = choose_layouts(found, mode, world0, L, run_rates, tokens_per_call, intra is not None,
+                             dp_group is not None, unshardable)
     parents = {id(c): m for m in root.modules() for c in m.children()}
     ignore = list(getattr(root, "_ddp_params_and_buffers_to_ignore", []))
-    for f in found:
+    for f, choice in zip(found, choices):
+        if choice.layout == "replicated":
+            replicate_module(f, choice, world0, run_rates, rates is not None, mode)
+            continue
         cf = capacity_factor if capacity_factor is not None else _router_capacity(f, parents)
         names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
+        f.module._moe_parallel.layout_choice = choice
+        if rates is not None:
+            f.module._moe_parallel.rates, f.module._moe_parallel.rates_fixed = rates, True
     root._ddp_params_and_buffers_to_ignore = ddp_ignore_names(ignore)
     if notes:
         warnings.warn("moe_compile.parallelize: " + "; ".join(notes), stacklevel=2)
     return model
+
+
+def _inline_problem(f: Found, W: int) -> str | None:
+    """Why the list of a block that dispatches inline cannot be sharded over ``W`` ranks, or None."""
+    s = f.match.spec
+    if f.block is None:
+        return None
+    if s.num_experts < W:
+        return (f"the experts of a block that dispatches inline are sharded whole, which needs at least as many "
+                f"experts as ranks (E={s.num_experts}, W={W}); for fewer experts than ranks move them into an "
+                "experts module (forward(hidden, topk_idx, topk_weights), or @moe_compile.experts), whose hidden "
+                "size can be split")
+    if s.score_on_input:
+        return "the routing weight scales the experts' input; the parallel modes apply it to their output only"
+    return None
 
 
 def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group) -> list[str]:

@@ -33,7 +33,9 @@ from . import cost, dispatch
 from .comm import AllToAll, Comm, Traffic, transpose
 from .layout import Layout, ParallelError
 
-MODES = ("expert", "data", "tensor", "auto")
+MODES = ("expert", "data", "tensor", "auto", "replicate")
+"""Modes ``parallelize`` and ``set_parallel`` take. ``expert``/``data``/``tensor`` run on sharded experts, ``replicate``
+on replicated ones (storage is chosen by ``parallelize`` and never changes), ``auto`` on either."""
 _CODE = {"expert": 0, "data": 1, "tensor": 2}
 _NAME = {v: k for k, v in _CODE.items()}
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
@@ -76,6 +78,8 @@ class ParallelState:
         self.local_names = local_names  # module parameter names, in op order
         self.full_names = full_names  # slot -> the unsharded module's parameter names (for full state dicts)
         self.rates = rates
+        self.rates_fixed = False  # given to parallelize or set_rates: set_parallel("auto") does not measure
+        self.layout_choice: cost.LayoutChoice | None = None  # why parallelize sharded this module
         self.traffic = traffic
         self._weight_itemsize = weight_itemsize
         self.grad_scale = 1.0
@@ -106,6 +110,17 @@ class ParallelState:
 
     def valid_modes(self) -> tuple[str, ...]:
         return ("expert", "data", "tensor", "auto") if self.layout.E < self.layout.W else ("expert", "data", "auto")
+
+    def mode_problem(self, mode: str) -> str | None:
+        """Why this module cannot run ``mode`` (one of ``MODES``), or None (without the module's path)."""
+        if mode in self.valid_modes():
+            return None
+        if mode == "replicate":
+            return (f"its experts are sharded over {self.W} ranks, and 'replicate' runs replicated experts; "
+                    "storage is chosen by parallelize: parallelize(model, mode='replicate') keeps them whole on "
+                    "every rank (and 'auto' does when the cost model estimates it cheaper)")
+        return (f"mode {mode!r} is not available (E={self.layout.E}, W={self.W}): 'tensor' needs fewer experts "
+                "than ranks")
 
     def meta_len(self) -> int:
         return 4 + self.W + self.W * self.layout.E
@@ -189,7 +204,8 @@ class ParallelState:
                     "moe_compile.parallelize, so it holds the unsharded expert parameters that parallelize replaced "
                     "(and would all-reduce the experts' gradients). Fix: call moe_compile.parallelize(model) first, "
                     "then DistributedDataParallel(model) (a new one now will do), then torch.compile")
-            if any(getattr(p, "_moe_expert", False) for p in managed):
+            # sharded expert parameters (DDP must ignore them); replicated experts modules' are DDP's to all-reduce
+            if any(getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel manages the sharded expert "
                     "parameters: the names of the module it wraps are not those in "

@@ -174,6 +174,17 @@ def parallel_states(model: nn.Module) -> list[ParallelState]:
     return out
 
 
+def replicated_records(model: nn.Module) -> list:
+    """The ``replicate.Replicated`` records of ``model``'s replicated experts modules, in module order."""
+    out, seen = [], set()
+    for m in model.modules():
+        rec = getattr(m, "_moe_replicated", None)
+        if rec is not None and id(rec) not in seen:
+            seen.add(id(rec))
+            out.append(rec)
+    return out
+
+
 def device_of(states: list[ParallelState]) -> torch.device:
     backend = dist.get_backend(states[0].world.group)
     if backend == "nccl" and torch.cuda.is_available():
