@@ -124,6 +124,11 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
       ``model._ddp_params_and_buffers_to_ignore``, so DDP neither broadcasts nor all-reduces them.
     - Replaces each experts module's forward with one ``moe_compile::parallel_experts`` call that runs ``mode``
       ("expert", "data", "tensor" when ``E < W``, or "auto"), switchable with :func:`set_parallel`.
+    - A layer that dispatches inline (router + ``nn.ModuleList`` of experts + the loop in its forward) is traced
+      once as the backend traces it and proved; its list is sharded in place (other ranks' experts become
+      placeholders) and the backend replaces the proven region by the same op: such a layer then runs only
+      compiled with ``backend="moe"``. A routed MoE block that can be neither (or a layer the backend does not
+      fuse) is an error naming it.
     - ``mode="replicate"`` keeps every experts module whole on every rank instead (tagged, not ignored by DDP,
       its own forward: plain DDP's step). ``mode="auto"`` chooses per module between replicated and sharded
       storage with the cost model (``cost.choose_layout``), for ``tokens_per_call`` tokens per experts call,
