@@ -180,7 +180,7 @@ def _inline_candidate(m: nn.Module):
     """(list name, list, router) when ``m`` holds a router Linear with E outputs (its own, or in a router module
     of its own, as torchtitan writes it) beside one ModuleList of E MLPs."""
     lname, lst = expert_list(m)
-    if lst is None:
+    if lst is None or not lname or "." in lname:  # a list inside an experts module in the block is its own
         return None
     routers = [c for n, c in m.named_modules() if n and not (n == lname or n.startswith(lname + "."))
                and isinstance(c, nn.Linear) and c.out_features == len(lst)]
@@ -331,23 +331,27 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             f.tokens = math.prod(first[1][:-1]) if first is not None else None  # the hidden states' tokens
             found.append(f)
         taken.append(lpath)
-    problems += _unshardable(model, taken)
+    problems += _unshardable(model, taken, notes)
     return found, problems, notes
 
 
-def _unshardable(model: nn.Module, taken: list[str]) -> list[str]:
+def _unshardable(model: nn.Module, taken: list[str], notes: list[str]) -> list[str]:
     """MoE-like blocks (a router beside stacked experts or a list of expert MLPs) holding none of the experts
-    found: parallelize would leave them replicated without a word, so they are reported instead."""
+    found: parallelize would leave them replicated without a word, so they are reported instead (with the notes
+    about modules inside them: why they were not taken for experts modules)."""
     from ..explain import moe_like_blocks
 
     out = []
     for block, what in moe_like_blocks(model, routed_only=True).items():
         prefix = "" if block == "<top>" else block
-        if not any(not prefix or t == prefix or t.startswith(prefix + ".") for t in taken):
-            out.append(f"{block}: an MoE block ({what}) that parallelize cannot shard: its experts are neither an "
-                       "experts module (forward(hidden, topk_idx, topk_weights); decorate custom ones with "
-                       "@moe_compile.experts) nor an nn.ModuleList of MLPs dispatched inline beside its router "
-                       "(experts gathered per token from stacked weights, torchtitan's grouped experts and GShard "
-                       "capacity dispatch are fused by the backend but not sharded yet); move the experts into an "
-                       "experts module")
+        if any(not prefix or t == prefix or t.startswith(prefix + ".") for t in taken):
+            continue
+        inside = [n for n in notes if not prefix or n.startswith(prefix + ".") or n.startswith(prefix + " ")]
+        out.append(f"{block}: an MoE block ({what}) that parallelize cannot shard: its experts are neither an "
+                   "experts module (forward(hidden, topk_idx, topk_weights); decorate custom ones with "
+                   "@moe_compile.experts, or pass example_inputs so that parallelize sees the calls) nor an "
+                   "nn.ModuleList of MLPs dispatched inline beside its router (experts gathered per token from "
+                   "stacked weights, torchtitan's grouped experts and GShard capacity dispatch are fused by the "
+                   "backend but not sharded yet); move the experts into an experts module"
+                   + (f" ({'; '.join(inside)})" if inside else ""))
     return out

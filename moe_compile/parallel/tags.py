@@ -74,7 +74,8 @@ def unwrap_for_parallelize(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: parallelize the module inside
-    if isinstance(model, DistributedDataParallel) and parallel_states(model.module):
+    inner = vars(model).get("_modules", {}).get("module") if isinstance(model, DistributedDataParallel) else None
+    if inner is not None and parallel_states(inner):
         raise ParallelError(
             "moe_compile.parallelize: the model inside this DistributedDataParallel is already parallelized "
             "(parallelize runs once per model; change the mode with moe_compile.set_parallel(model, mode))")
