@@ -449,6 +449,14 @@ def _optimizer(name: str, params, lr: float):
     raise ValueError(name)
 
 
+def _clip(case: dict, targets: dict):
+    norm_type = case.get("norm_type", 2.0)
+    how = case.get("clip_on", "run")
+    if how == "torch":  # each rank by the norm of its own shards
+        return torch.nn.utils.clip_grad_norm_(targets["params"], case["clip"], norm_type)
+    return moe_compile.clip_grad_norm_(targets[how], case["clip"], norm_type)
+
+
 def ddp_compare(case: dict) -> dict:
     """Run on every rank: ``parallelize -> DDP -> (torch.compile)`` training steps (loss = mean squared error over
     the rank's tokens) against the single-process model on the global batch with the mean loss.
@@ -461,7 +469,12 @@ def ddp_compare(case: dict) -> dict:
     (experts group size; smaller than the world: a ``(W/ep) x ep`` data x expert mesh), mesh ("device_mesh" or
     "groups": how that mesh is made and handed to parallelize), resync (load the reference's weights into the
     parallel model after each step, so fp32 rounding does not compound over the steps; optimizer state is never
-    resynced), float64 (run everything in float64: no rounding to compound, differences ~1e-15).
+    resynced), float64 (run everything in float64: no rounding to compound, differences ~1e-15), clip (a max_norm:
+    after the backward the reference clips with torch.nn.utils.clip_grad_norm_ and the parallel model with
+    moe_compile.clip_grad_norm_; the returned norms are compared as "clip_norm" and listed per step as "norm" and
+    "norm_ref"), norm_type (of the clipping, default 2), clip_on (what the parallel model clips: "run" the
+    compiled or DDP model, "ddp", "params" a generator of parameters, or "torch": torch's own clip_grad_norm_ on
+    the local parameters, which is wrong on sharded experts).
     Returns the largest relative differences (loss, dense_grad, expert_grad, weights, optim_state) and facts."""
     if case.get("float64"):
         old_dtype = torch.get_default_dtype()
@@ -519,6 +532,8 @@ def ddp_compare(case: dict) -> dict:
             opt_ref.zero_grad(set_to_none=True)
             loss_ref = 0.5 * ((ref(x_all) - c_all) ** 2).sum(-1).mean()
             loss_ref.backward()
+            if case.get("clip") is not None:
+                norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), case["clip"], case.get("norm_type", 2.0))
             opt_par.zero_grad(set_to_none=True)
             total = torch.zeros(())
             for j in range(micro):
@@ -527,6 +542,10 @@ def ddp_compare(case: dict) -> dict:
                     loss = 0.5 * ((run(x_all[sl]) - c_all[sl]) ** 2).sum(-1).mean() / micro
                     loss.backward()
                 total += loss.detach()
+            if case.get("clip") is not None:
+                norm = _clip(case, {"run": run, "ddp": ddp, "params": par.parameters()})
+                note("clip_norm", rel(norm, norm_ref))
+                facts["per_step"][-1].update(norm=float(norm), norm_ref=float(norm_ref))
             dist.all_reduce(total)
             note("loss", rel(total / W, loss_ref.detach()))
             ref_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}

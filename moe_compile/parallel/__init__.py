@@ -10,7 +10,7 @@ See ``docs/parallel.md``. Modules: ``layout`` (where weights live), ``dispatch``
 (functional collectives, hierarchical all-to-all), ``cost`` (the auto mode's model), ``state`` (per-mode math),
 ``op`` (the custom op), ``find`` (finding experts modules); the functions below: ``setup`` (``parallelize``:
 checks, sharding), ``modes`` (``set_parallel``), ``tags`` (expert parameters for DDP), ``checkpoint`` (state dicts at
-any world size), ``report``.
+any world size), ``clip`` (gradient clipping by the whole model's norm), ``report``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .checkpoint import (
     load_sharded_state_dict,
     sharded_state_dict,
 )
+from .clip import clip_grad_norm_, grad_norm
 from .modes import get_parallel, set_parallel, set_rates
 from .report import parallel_report
 from .setup import parallelize
@@ -35,5 +36,5 @@ __all__ = [
     "parallelize", "set_parallel", "get_parallel", "is_expert_param", "parallel_report", "full_state_dict",
     "load_full_state_dict", "full_optim_state_dict", "load_full_optim_state_dict", "sharded_state_dict",
     "load_sharded_state_dict", "ExpertParameter", "set_rates", "Rates", "NVLINK", "INFINIBAND", "ParallelError",
-    "MODES", "PARALLEL_EXPERTS",
+    "MODES", "PARALLEL_EXPERTS", "clip_grad_norm_", "grad_norm",
 ]

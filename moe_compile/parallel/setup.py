@@ -296,7 +296,6 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
         for n, v, old in zip(local_names[s], vals, [params[o] for o in slots[s]]):
             _set_param(m, n, v, old.requires_grad)
             flat_names.append(n)
-    tag_module(m, f.path, sharded=True)
 
     traffic = Traffic()
     world = Comm(group, traffic)
@@ -316,5 +315,6 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
     m._moe_parallel = state
     m._moe_parallel_key = key
     m._moe_parallel_names = tuple(flat_names)
+    tag_module(m, f.path, sharded=True)  # after the state: the tags name its key and each parameter's slot
     m.forward = functools.partial(op.call, m)
     return flat_names

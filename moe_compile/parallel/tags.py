@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layout import ParallelError
-from .state import ParallelState
+from .state import SLOTS, ParallelState
 
 class ExpertParameter(nn.Parameter):
     """The class ``parallelize`` gives the parameters of experts modules (plain ``nn.Parameter`` ones): an
@@ -41,27 +41,45 @@ def unwrap_for_parallelize(model: nn.Module) -> nn.Module:
     return model
 
 
-def tag(p: nn.Parameter, path: str, sharded: bool) -> None:
+def tag(p: nn.Parameter, path: str, sharded: bool, key: str | None = None, slot: str | None = None) -> None:
+    """Tag an experts module's parameter; ``key`` / ``slot``: the sharded module's ``ParallelState`` key and the
+    parameter's slot in it (``state.SLOTS``), by which ``clip.grad_norm`` counts each shard once when it is given
+    parameters rather than the model."""
     if type(p) is nn.Parameter:  # a subclass the user chose is left as it is (tags kept, but lost by deepcopy)
         p.__class__ = ExpertParameter
     p._moe_expert = True
     p._moe_expert_module = path
     if sharded:  # what DistributedDataParallel._set_params_and_buffers_to_ignore_for_model sets (DDPOptimizer reads it)
         p._ddp_ignored = True
+    if key is not None:
+        p._moe_parallel_key = key
+        p._moe_slot = slot
 
 
 def _retag_after_load(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict post hook of an experts module: ``load_state_dict(..., assign=True)`` replaces the
     parameters with new ones; tag those again."""
-    for p in module.parameters():
-        tag(p, module._moe_expert_path, module._moe_expert_sharded)
+    tag_module(module, module._moe_expert_path, module._moe_expert_sharded)
+
+
+def expert_slots(module: nn.Module) -> dict[int, tuple[ParallelState, str]]:
+    """id(parameter) -> (its ``ParallelState``, its slot in ``state.SLOTS``) for a sharded experts module whose
+    state is installed (empty for any other module)."""
+    st = getattr(module, "_moe_parallel", None)
+    if st is None:
+        return {}
+    names = iter(st.local_names)
+    return {id(module.get_parameter(next(names))): (st, slot) for slot, n in zip(SLOTS, st.slot_counts)
+            for _ in range(n)}
 
 
 def tag_module(module: nn.Module, path: str, sharded: bool) -> None:
     module._moe_expert_path = path
     module._moe_expert_sharded = sharded
+    slots = expert_slots(module)
     for p in module.parameters():
-        tag(p, path, sharded)
+        st, slot = slots.get(id(p), (None, None))
+        tag(p, path, sharded, st.key if st is not None else None, slot)
     if not getattr(module, "_moe_retag_hook", False):
         module.register_load_state_dict_post_hook(_retag_after_load)
         module._moe_retag_hook = True
