@@ -38,8 +38,6 @@ def fail(msg: str) -> None:
 def check_arguments(args) -> dict:
     import torch
 
-    import moe_compile
-
     if args.steps < 1:
         fail(f"--steps {args.steps}: train at least one step")
     if args.nproc < 1:
@@ -61,9 +59,6 @@ def check_arguments(args) -> dict:
              "folder of an earlier run)")
     if not args.resume and args.batch % args.nproc:
         fail(f"--batch {args.batch} does not split over --nproc {args.nproc}; pick a batch divisible by it")
-    if args.max_norm > 0 and not hasattr(moe_compile, "clip_grad_norm_"):
-        fail(f"--max-norm {args.max_norm}: this moe_compile has no clip_grad_norm_ yet; pass --max-norm 0 to "
-             "train without gradient clipping")
     os.makedirs(args.out, exist_ok=True)
     return {"steps": args.steps, "nproc": args.nproc, "out": args.out, "resume": args.resume,
             "checkpoint": checkpoint, "max_norm": args.max_norm, "mode": args.mode, "device": device,

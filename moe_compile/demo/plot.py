@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def loss_curve(history: dict, baseline: dict | None, steps: range, path: str) -> None:
+def loss_curve(history: dict, baseline: list[float] | None, steps: range, path: str) -> None:
     """Train loss at every step and the held-out loss over every run in ``history`` (resumed runs continue the
     curve; a dotted line marks each resume), and this run's plain DDP train loss when it ran."""
     import matplotlib
@@ -14,7 +14,7 @@ def loss_curve(history: dict, baseline: dict | None, steps: range, path: str) ->
     train = history["train"]
     ax.plot([s + 1 for s, _ in train], [v for _, v in train], lw=1, label="train (moe_compile)")
     if baseline is not None:
-        ax.plot([s + 1 for s in steps], baseline["losses"], lw=1, alpha=0.6, ls="--",
+        ax.plot([s + 1 for s in steps], baseline, lw=1, alpha=0.8, ls="--",
                 label="train (plain DDP, same batches)")
     if history["eval"]:
         ax.plot(*zip(*history["eval"]), "o-", ms=4, label="held-out")

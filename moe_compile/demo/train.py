@@ -58,43 +58,57 @@ def evaluate(model, shares, device) -> float:
     return float(total[0] / total[1])
 
 
-def train(run, model, opt, batches, steps: range, opts: dict, clip, device, rank, world, label: str,
-          evals: list | None = None, eval_shares=None) -> dict:
-    """Train ``steps``: forward through ``run``, backward, ``clip(max_norm)``, AdamW. Returns the mean loss over
-    ranks at every step and the seconds of each step (eval time excluded)."""
+class Trainer:
+    """One setup's training: forward through ``run``, backward, ``clip(max_norm)``, AdamW. Keeps the loss (mean
+    over ranks) and the wall-clock seconds of every step."""
+
+    def __init__(self, name: str, run, model, opt, clip, batches, opts: dict, device, rank: int, world: int):
+        self.name, self.run, self.model, self.opt, self.clip = name, run, model, opt, clip
+        self.batches, self.max_norm, self.device, self.rank, self.world = batches, opts["max_norm"], device, rank, world
+        self.losses: list[float] = []
+        self.seconds: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def step(self, step: int) -> None:
+        x, y = (t.to(self.device) for t in self.batches.rank_batch(step, self.rank, self.world))
+        t0 = time.perf_counter()
+        loss = self.run(x, y)
+        loss.backward()
+        if self.max_norm > 0:
+            self.clip(self.max_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - t0)
+        self._pending.append(loss.detach())
+
+    def flush(self) -> None:
+        """The mean over ranks of the losses of the steps since the last flush (one collective for them all)."""
+        if self._pending:
+            self.losses += mean_over_ranks([float(v) for v in self._pending], self.device)
+            self._pending.clear()
+
+
+def train(t: Trainer, steps: range, opts: dict, rank: int, evals: list | None = None, eval_model=None,
+          shares=None) -> None:
+    """``t`` on ``steps``, with a progress bar on rank 0; with ``evals``, the held-out loss every ``eval_every``
+    steps and at the end."""
     from tqdm import tqdm
 
-    losses, pending, seconds = [], [], []
-    bar = tqdm(steps, desc=label, unit="step", disable=rank != 0, mininterval=0.5, dynamic_ncols=True)
-
-    def flush():  # the mean over ranks of the steps' losses, reduced in groups of steps
-        losses.extend(mean_over_ranks([float(v) for v in pending], device))
-        pending.clear()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-
+    bar = tqdm(steps, desc=t.name, unit="step", disable=rank != 0, mininterval=0.5, dynamic_ncols=True)
     for step in bar:
-        x, y = (t.to(device) for t in batches.rank_batch(step, rank, world))
-        t0 = time.perf_counter()
-        loss = run(x, y)
-        loss.backward()
-        if opts["max_norm"] > 0:
-            clip(opts["max_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
-        pending.append(loss.detach())
+        t.step(step)
         last = step == steps[-1]
-        do_eval = evals is not None and ((step + 1) % opts["eval_every"] == 0 or last)
-        if len(pending) == 10 or last or do_eval:
-            flush()
-        if do_eval:
-            evals.append((step + 1, evaluate(model, eval_shares, device)))
+        due = evals is not None and ((step + 1) % opts["eval_every"] == 0 or last)
+        if due or last or len(t.losses) + 10 <= step - steps.start + 1:
+            t.flush()
+            bar.set_postfix(loss=f"{t.losses[-1]:.3f}")
+        if due:
+            evals.append((step + 1, evaluate(eval_model, shares, t.device)))
             if rank == 0:
-                bar.write(f"step {step + 1:5d}: train loss {losses[-1]:.4f}, eval loss {evals[-1][1]:.4f}")
+                bar.write(f"step {step + 1:5d}: train loss {t.losses[-1]:.4f}, eval loss {evals[-1][1]:.4f}")
     bar.close()
-    return {"losses": [float(v) for v in losses], "seconds": seconds}
 
 
 def warmup(steps: int) -> int:
@@ -175,29 +189,21 @@ def run_worker(rank: int, world: int, device: torch.device, opts: dict) -> None:
         say(verdict.describe(world), flush=True)
     phases.done("check")
 
-    moe_compile.parallelize(model, mode=opts["mode"])  # 1. shard the experts over the ranks (before DDP)
-    ddp = DistributedDataParallel(model)  # 2. DDP all-reduces the dense weights only
-    run = torch.compile(ddp, backend="moe")  # 3. compile the DDP model with the moe backend
-    opt = make_optimizer(model.parameters(), opts)  # 4. the optimizer on this rank's shards
-    if ckpt:
-        moe_compile.load_full_optim_state_dict(model, opt, ckpt["optim"])
-
-    def clip(max_norm):
-        return moe_compile.clip_grad_norm_(model, max_norm)
-
+    ours = moe_compile_setup(model, cfg, ckpt, batches, opts, device, rank, world)
     history = ckpt["history"] if ckpt else {"train": [], "eval": [], "runs": []}
     evals: list = []
     if not ckpt:
         evals.append((0, evaluate(model, shares, device)))
         say(f"step     0: eval loss {evals[0][1]:.4f}", flush=True)
-    ours = train(run, model, opt, batches, steps, opts, clip, device, rank, world, "moe_compile", evals, shares)
+    phases.done("setup")
+    train(ours, steps, opts, rank, evals, model, shares)
     say(moe_compile.parallel_report(model), flush=True)
     phases.done("train (moe_compile)")
 
     full = moe_compile.full_state_dict(model, rank0_only=True)  # collectives: every rank takes part
-    full_optim = moe_compile.full_optim_state_dict(model, opt)
+    full_optim = moe_compile.full_optim_state_dict(model, ours.opt)
     if rank == 0:
-        history["train"] += list(zip(steps, ours["losses"]))
+        history["train"] += list(zip(steps, ours.losses))
         history["eval"] += evals
         history["runs"].append({"start": steps.start, "nproc": world, "mode": opts["mode"]})
         state = {"model": full, "optim": full_optim, "step": steps.stop, "config": cfg.to_dict(),
@@ -211,25 +217,43 @@ def run_worker(rank: int, world: int, device: torch.device, opts: dict) -> None:
             f"full_optim_state_dict; continue with --resume, at any --nproc)", flush=True)
     phases.done("checkpoint")
 
+    # The same steps under plain DDP, after ours, not interleaved with it: in one process, plain torch.compile's
+    # graph break inside the blocks loop makes Dynamo skip the model's forward frame for every backend (the skip
+    # is per code object), so compiling it first or in between would change how ours runs.
     base = None
     if opts["baseline"] != "none":
-        base = plain_ddp(start_weights, cfg, ckpt, batches, steps, opts, device, rank, world)
+        base = plain_ddp(start_weights, cfg, ckpt, batches, opts, device, rank, world)
+        train(base, steps, opts, rank)
         phases.done(f"train (plain DDP, {opts['baseline']})")
     if rank == 0:
         summary = summarize(opts, world, ours, base, global_batch * cfg.seq, verdict, evals)
         say(summary.pop("text"), flush=True)
         png = os.path.join(opts["out"], "loss.png")
-        plot.loss_curve(history, base, steps, png)
+        plot.loss_curve(history, base.losses if base else None, steps, png)
         say(f"loss curve: {png}", flush=True)
         phases.done("plot")
         summary["phases"] = phases.seconds
         with open(os.path.join(opts["out"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        say(f"phases (rank 0): {phases.describe()}; first step of each (the compile): moe_compile "
-            f"{ours['seconds'][0]:.1f} s" + (f", plain DDP {base['seconds'][0]:.1f} s" if base else ""), flush=True)
+        say(f"phases (rank 0): {phases.describe()}; the first step (compiling): moe_compile {ours.seconds[0]:.1f} s"
+            + (f", plain DDP {base.seconds[0]:.1f} s" if base else ""), flush=True)
 
 
-def plain_ddp(start_weights, cfg, ckpt, batches, steps, opts, device, rank, world) -> dict:
+def moe_compile_setup(model, cfg, ckpt, batches, opts, device, rank, world) -> Trainer:
+    moe_compile.parallelize(model, mode=opts["mode"])  # 1. shard the experts over the ranks (before DDP)
+    ddp = DistributedDataParallel(model)  # 2. DDP all-reduces the dense weights only
+    run = torch.compile(ddp, backend="moe")  # 3. compile the DDP model with the moe backend
+    opt = make_optimizer(model.parameters(), opts)  # 4. the optimizer on this rank's shards
+    if ckpt:
+        moe_compile.load_full_optim_state_dict(model, opt, ckpt["optim"])
+
+    def clip(max_norm):  # the norm of the whole model's gradient, every expert shard counted once
+        return moe_compile.clip_grad_norm_(model, max_norm)
+
+    return Trainer("moe_compile", run, model, opt, clip, batches, opts, device, rank, world)
+
+
+def plain_ddp(start_weights, cfg, ckpt, batches, opts, device, rank, world) -> Trainer:
     """The same model from the same weights, same optimizer and batches, under plain DDP (nothing of moe_compile):
     compiled by inductor (``--baseline inductor``, the default) or eager."""
     model = MoETransformer(cfg).to(device)
@@ -243,29 +267,29 @@ def plain_ddp(start_weights, cfg, ckpt, batches, steps, opts, device, rank, worl
     def clip(max_norm):  # every parameter is whole and replicated here: torch's clipping is right
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    label = f"plain DDP ({opts['baseline']})"
-    return train(run, model, opt, batches, steps, opts, clip, device, rank, world, label)
+    return Trainer(f"plain DDP ({opts['baseline']})", run, model, opt, clip, batches, opts, device, rank, world)
 
 
 def summarize(opts, world, ours, base, tokens_step, verdict, evals) -> dict:
-    ours_tps = tokens_per_s(ours["seconds"], tokens_step)
-    out = {"nproc": world, "mode": opts["mode"], "steps": len(ours["losses"]), "tokens_per_step": tokens_step,
-           "first_loss": ours["losses"][0], "last_loss": ours["losses"][-1], "eval": evals,
-           "tokens_per_s": {"moe_compile": ours_tps}}
+    ours_tps = tokens_per_s(ours.seconds, tokens_step)
+    out = {"nproc": world, "mode": opts["mode"], "steps": len(ours.losses), "tokens_per_step": tokens_step,
+           "first_loss": ours.losses[0], "last_loss": ours.losses[-1], "eval": evals,
+           "tokens_per_s": {"moe_compile": ours_tps}, "step_seconds": {"moe_compile": ours.seconds}}
     fmt = lambda v: f"{v:,.0f}" if v else "n/a (too few steps)"  # noqa: E731
-    skip = warmup(len(ours["seconds"]))
+    skip = warmup(len(ours.seconds))
     lines = [f"tokens/s ({world} rank(s) together, wall-clock of this run's steps after the first {skip}, which "
              "compile; noisy on a busy machine):",
              f"  moe_compile: parallelize (mode {opts['mode']}) + DDP + torch.compile(backend=\"moe\"): {fmt(ours_tps)}"]
     if base is not None:
-        base_tps = tokens_per_s(base["seconds"], tokens_step)
+        base_tps = tokens_per_s(base.seconds, tokens_step)
         out["tokens_per_s"][f"plain_ddp_{opts['baseline']}"] = base_tps
-        out["plain_ddp_last_loss"] = base["losses"][-1]
+        out["plain_ddp_last_loss"] = base.losses[-1]
+        out["step_seconds"]["plain_ddp"] = base.seconds
         what = "torch.compile, default inductor" if opts["baseline"] == "inductor" else "eager, not compiled"
         lines.append(f"  plain DDP, same model, steps and batches ({what}): {fmt(base_tps)}")
         if ours_tps and base_tps:
             lines.append(f"  moe_compile / plain DDP: {ours_tps / base_tps:.2f}x; last train loss "
-                         f"{ours['losses'][-1]:.4f} vs {base['losses'][-1]:.4f}")
+                         f"{ours.losses[-1]:.4f} vs {base.losses[-1]:.4f}")
     if verdict is not None:
         out["check"] = verdict.to_dict()
     out["text"] = "\n".join(lines)
