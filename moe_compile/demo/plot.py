@@ -12,12 +12,12 @@ def loss_curve(history: dict, baseline: list[float] | None, steps: range, path: 
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     train = history["train"]
-    ax.plot([s + 1 for s, _ in train], [v for _, v in train], lw=1, label="train (moe_compile)")
-    if baseline is not None:
-        ax.plot([s + 1 for s in steps], baseline, lw=1, alpha=0.8, ls="--",
-                label="train (plain DDP, same batches)")
+    ax.plot([s + 1 for s, _ in train], [v for _, v in train], lw=1.5, color="tab:blue", label="train (moe_compile)")
+    if baseline is not None:  # this run's steps only; it usually lies on the line above
+        ax.plot([s + 1 for s in steps], baseline, lw=0.8, color="black", ls=(0, (3, 3)),
+                label="train (plain DDP, same batches, this run)")
     if history["eval"]:
-        ax.plot(*zip(*history["eval"]), "o-", ms=4, label="held-out")
+        ax.plot(*zip(*history["eval"]), "o-", ms=4, color="tab:green", label="held-out (moe_compile)")
     for run in history["runs"][1:]:
         ax.axvline(run["start"], color="gray", ls=":", lw=1)
         ax.text(run["start"], ax.get_ylim()[1], f" resumed, {run['nproc']} proc", va="top", fontsize=8,
