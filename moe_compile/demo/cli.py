@@ -26,7 +26,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=16, help="global batch in windows of 64 bytes (default 16; "
                     "a resumed run keeps the checkpoint's)")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default steps/5)")
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default steps/10)")
     ap.add_argument("--seed", type=int, default=0)
 
 
@@ -63,7 +63,7 @@ def check_arguments(args) -> dict:
     return {"steps": args.steps, "nproc": args.nproc, "out": args.out, "resume": args.resume,
             "checkpoint": checkpoint, "max_norm": args.max_norm, "mode": args.mode, "device": device,
             "baseline": args.baseline, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-            "eval_every": args.eval_every or max(1, args.steps // 5)}
+            "eval_every": args.eval_every or max(1, args.steps // 10)}
 
 
 def run(args) -> int:

@@ -277,8 +277,8 @@ def summarize(opts, world, ours, base, tokens_step, verdict, evals) -> dict:
            "tokens_per_s": {"moe_compile": ours_tps}, "step_seconds": {"moe_compile": ours.seconds}}
     fmt = lambda v: f"{v:,.0f}" if v else "n/a (too few steps)"  # noqa: E731
     skip = warmup(len(ours.seconds))
-    lines = [f"tokens/s ({world} rank(s) together, wall-clock of this run's steps after the first {skip}, which "
-             "compile; noisy on a busy machine):",
+    lines = [f"tokens/s ({world} rank(s) together; wall-clock of this run's steps after the first {skip} (compiles, "
+             "warm-up); noisy on a busy machine):",
              f"  moe_compile: parallelize (mode {opts['mode']}) + DDP + torch.compile(backend=\"moe\"): {fmt(ours_tps)}"]
     if base is not None:
         base_tps = tokens_per_s(base.seconds, tokens_step)
