@@ -67,6 +67,7 @@ class Trainer:
         self.batches, self.max_norm, self.device, self.rank, self.world = batches, opts["max_norm"], device, rank, world
         self.losses: list[float] = []
         self.seconds: list[float] = []
+        self.load: tuple[float, float] | None = None  # the machine's 1-minute load average before and after
         self._pending: list[torch.Tensor] = []
 
     def step(self, step: int) -> None:
@@ -96,6 +97,7 @@ def train(t: Trainer, steps: range, opts: dict, rank: int, evals: list | None = 
     steps and at the end."""
     from tqdm import tqdm
 
+    load = os.getloadavg()[0]
     bar = tqdm(steps, desc=t.name, unit="step", disable=rank != 0, mininterval=0.5, dynamic_ncols=True)
     for step in bar:
         t.step(step)
@@ -109,6 +111,7 @@ def train(t: Trainer, steps: range, opts: dict, rank: int, evals: list | None = 
             if rank == 0:
                 bar.write(f"step {step + 1:5d}: train loss {t.losses[-1]:.4f}, eval loss {evals[-1][1]:.4f}")
     bar.close()
+    t.load = (load, os.getloadavg()[0])
 
 
 def warmup(steps: int) -> int:
@@ -290,6 +293,11 @@ def summarize(opts, world, ours, base, tokens_step, verdict, evals) -> dict:
         if ours_tps and base_tps:
             lines.append(f"  moe_compile / plain DDP: {ours_tps / base_tps:.2f}x; last train loss "
                          f"{ours.losses[-1]:.4f} vs {base.losses[-1]:.4f}")
+    runs = [ours] + ([base] if base is not None else [])
+    out["load_average"] = {t.name: t.load for t in runs}
+    lines.append(f"  machine load while each ran (1-minute load average, start -> end, on {os.cpu_count()} cores): "
+                 + ", ".join(f"{t.name} {t.load[0]:.1f} -> {t.load[1]:.1f}" for t in runs)
+                 + "; other work on the machine moves these numbers, more so when the loads differ")
     if verdict is not None:
         out["check"] = verdict.to_dict()
     out["text"] = "\n".join(lines)
