@@ -12,7 +12,7 @@ from .model import Config
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--steps", type=int, default=300, help="training steps in this run (default 300)")
+    ap.add_argument("--steps", type=int, default=200, help="training steps in this run (default 200)")
     ap.add_argument("--nproc", type=int, default=2, help="processes (ranks) to spawn on this machine (default 2)")
     ap.add_argument("--out", default="./moe_demo_out", help="checkpoint, loss.png, summary.json (default %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (any --nproc)")
