@@ -54,10 +54,20 @@ def check_arguments(args) -> dict:
         fail(f"--device cuda with --nproc {args.nproc} needs a GPU per process; this machine has {gpus} "
              "(use --device cpu or a smaller --nproc)")
     checkpoint = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and not os.path.exists(checkpoint):
-        fail(f"--resume: no checkpoint at {checkpoint}; run once without --resume first (or point --out at the "
-             "folder of an earlier run)")
-    if not args.resume and args.batch % args.nproc:
+    batch = args.batch
+    if args.resume:
+        if not os.path.exists(checkpoint):
+            fail(f"--resume: no checkpoint at {checkpoint}; run once without --resume first (or point --out at the "
+                 "folder of an earlier run)")
+        try:
+            batch = torch.load(checkpoint, map_location="cpu", weights_only=False)["data"]["global_batch"]
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+            fail(f"--resume: {checkpoint} is not a checkpoint of moe-compile demo ({type(e).__name__}: {e}); "
+                 "point --out at a demo run's folder, or run without --resume")
+        if batch % args.nproc:
+            fail(f"--resume: the checkpoint's global batch of {batch} windows does not split over --nproc "
+                 f"{args.nproc}; resume with an --nproc dividing {batch}")
+    elif args.batch % args.nproc:
         fail(f"--batch {args.batch} does not split over --nproc {args.nproc}; pick a batch divisible by it")
     os.makedirs(args.out, exist_ok=True)
     return {"steps": args.steps, "nproc": args.nproc, "out": args.out, "resume": args.resume,

@@ -68,7 +68,7 @@ class Trainer:
         self.losses: list[float] = []
         self.seconds: list[float] = []
         self.load: tuple[float, float] | None = None  # the machine's 1-minute load average before and after
-        self._pending: list[torch.Tensor] = []
+        self.pending: list[torch.Tensor] = []  # losses of steps not yet averaged over the ranks
 
     def step(self, step: int) -> None:
         x, y = (t.to(self.device) for t in self.batches.rank_batch(step, self.rank, self.world))
@@ -82,13 +82,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - t0)
-        self._pending.append(loss.detach())
+        self.pending.append(loss.detach())
 
     def flush(self) -> None:
         """The mean over ranks of the losses of the steps since the last flush (one collective for them all)."""
-        if self._pending:
-            self.losses += mean_over_ranks([float(v) for v in self._pending], self.device)
-            self._pending.clear()
+        if self.pending:
+            self.losses += mean_over_ranks([float(v) for v in self.pending], self.device)
+            self.pending.clear()
 
 
 def train(t: Trainer, steps: range, opts: dict, rank: int, evals: list | None = None, eval_model=None,
@@ -103,7 +103,7 @@ def train(t: Trainer, steps: range, opts: dict, rank: int, evals: list | None = 
         t.step(step)
         last = step == steps[-1]
         due = evals is not None and ((step + 1) % opts["eval_every"] == 0 or last)
-        if due or last or len(t.losses) + 10 <= step - steps.start + 1:
+        if due or last or len(t.pending) >= 10:
             t.flush()
             bar.set_postfix(loss=f"{t.losses[-1]:.3f}")
         if due:
@@ -157,10 +157,7 @@ def run_worker(rank: int, world: int, device: torch.device, opts: dict) -> None:
     global_batch = ckpt["data"]["global_batch"] if ckpt else opts["batch"]
     seed = ckpt["data"]["seed"] if ckpt else opts["seed"]
     start = ckpt["step"] if ckpt else 0
-    steps = range(start, start + opts["steps"])
-    if global_batch % world:
-        raise ValueError(f"the checkpoint's global batch of {global_batch} windows does not split over {world} "
-                         f"processes; resume with an --nproc dividing {global_batch}")
+    steps = range(start, start + opts["steps"])  # cli.check_arguments checked that global_batch splits over world
     train_w, eval_w = data.split(cfg.seq)
     batches = data.Batches(train_w, global_batch, seed)
     shares = data.eval_shares(eval_w, EVAL_WINDOWS, rank, world)
