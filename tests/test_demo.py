@@ -81,8 +81,13 @@ def test_demo_runs_then_resumes_at_another_world_size(tmp_path):
 
 def test_demo_rejects_bad_arguments_with_the_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cases = {("--nproc", "3"): "must split evenly", ("--resume",): "no checkpoint at"}
-    for args, msg in cases.items():
-        r = subprocess.run([sys.executable, "-m", "moe_compile", "demo", "--out", str(tmp_path / "none"), *args],
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    cases = [(("--nproc", "3"), "none", "must split evenly"), (("--resume",), "none", "no checkpoint at"),
+             (("--resume",), "junk", "is not a checkpoint of moe-compile demo"),
+             (("--batch", "6", "--nproc", "4"), "none", "does not split over --nproc 4")]
+    for args, out, msg in cases:
+        r = subprocess.run([sys.executable, "-m", "moe_compile", "demo", "--out", str(tmp_path / out), *args],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
