@@ -78,12 +78,12 @@ def step_check(model, make_optimizer, opts: dict, ckpt: dict | None, batches, st
     rank, world = dist.get_rank(), dist.get_world_size()
     par = copy.deepcopy(model).double()
     ref = copy.deepcopy(par) if rank == 0 else None
-    moe_compile.parallelize(par, mode=opts["mode"])
+    x, y = (t.to(device) for t in batches.rank_batch(step, rank, world))
+    moe_compile.parallelize(par, mode=opts["mode"], tokens_per_call=x.numel())  # the run's layout choice
     run = torch.compile(DistributedDataParallel(par), backend="moe", options={"compiler": "eager"})
     opt = make_optimizer(par.parameters(), opts)
     if ckpt:
         moe_compile.load_full_optim_state_dict(par, opt, ckpt["optim"])  # cast to float64 by the optimizer
-    x, y = (t.to(device) for t in batches.rank_batch(step, rank, world))
     with eager_kernels():
         loss, norm = one_step(run, par, opt, x, y, opts["max_norm"], moe_compile_clip)
     mean = loss.clone()

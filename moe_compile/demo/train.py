@@ -240,7 +240,8 @@ def run_worker(rank: int, world: int, device: torch.device, opts: dict) -> None:
 
 
 def moe_compile_setup(model, cfg, ckpt, batches, opts, device, rank, world) -> Trainer:
-    moe_compile.parallelize(model, mode=opts["mode"])  # 1. shard the experts over the ranks (before DDP)
+    # 1. shard the experts over the ranks (before DDP); auto costs its layout for this rank's tokens per step
+    moe_compile.parallelize(model, mode=opts["mode"], tokens_per_call=batches.global_batch // world * cfg.seq)
     ddp = DistributedDataParallel(model)  # 2. DDP all-reduces the dense weights only
     run = torch.compile(ddp, backend="moe")  # 3. compile the DDP model with the moe backend
     opt = make_optimizer(model.parameters(), opts)  # 4. the optimizer on this rank's shards
