@@ -358,6 +358,15 @@ def toy_model(case: dict) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- equivalence
+def catch(fn) -> str | None:
+    """``fn()``'s exception as ``"Type: message"`` (None if it raised nothing): what the workers return."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """Largest difference relative to ``b``'s largest magnitude (at least ``floor``)."""
     a, b = a.detach().double(), b.detach().double()

@@ -11,7 +11,6 @@ import copy
 import io
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -27,22 +26,7 @@ SMALL = dict(tokens_per_call=64, rates=BYTES)  # -> replicated
 LARGE_F, LARGE = 256, dict(tokens_per_call=16, rates=BYTES)  # -> sharded
 
 
-@pytest.fixture
-def pool2():
-    return testing.shared_pool(2)
-
-
-@pytest.fixture
-def pool4():
-    return testing.shared_pool(4)
-
-
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
+_catch = testing.catch
 
 
 def _check(results):

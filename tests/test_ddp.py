@@ -150,12 +150,7 @@ def test_data_x_expert_mesh_mistakes_are_errors(pool4):
         assert not tagged
 
 
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
+_catch = testing.catch
 
 
 def _w_wrong_order():

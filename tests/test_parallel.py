@@ -346,12 +346,7 @@ def test_compiled_with_inductor(pool2):
 
 
 # --------------------------------------------------------------------------------------------- bad input
-def _catch(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
+_catch = testing.catch
 
 
 def _w_bad_sizes():

@@ -165,25 +165,24 @@ def tag_inline_list(module: nn.Module, tags: dict[str, tuple], remote: list[str]
     module.register_load_state_dict_pre_hook(_skip_remote)
 
 
-def parallel_states(model: nn.Module) -> list[ParallelState]:
+def _records(model: nn.Module, attr: str) -> list:
+    """Each distinct object ``model``'s modules hold under ``attr``, in module order (modules may share one)."""
     out, seen = [], set()
     for m in model.modules():
-        st = getattr(m, "_moe_parallel", None)
-        if st is not None and id(st) not in seen:
-            seen.add(id(st))
-            out.append(st)
-    return out
-
-
-def replicated_records(model: nn.Module) -> list:
-    """The ``replicate.Replicated`` records of ``model``'s replicated experts modules, in module order."""
-    out, seen = [], set()
-    for m in model.modules():
-        rec = getattr(m, "_moe_replicated", None)
+        rec = getattr(m, attr, None)
         if rec is not None and id(rec) not in seen:
             seen.add(id(rec))
             out.append(rec)
     return out
+
+
+def parallel_states(model: nn.Module) -> list[ParallelState]:
+    return _records(model, "_moe_parallel")
+
+
+def replicated_records(model: nn.Module) -> list:
+    """The ``replicate.Replicated`` records of ``model``'s replicated experts modules, in module order."""
+    return _records(model, "_moe_replicated")
 
 
 def device_of(states: list[ParallelState]) -> torch.device:
