@@ -47,15 +47,23 @@ class Found:
     tokens: int | None = None  # tokens per call (the ``[T, k]`` index's T) when the trace saw the module called
 
 
-def _n_forward_args(module: nn.Module) -> int | None:
+def _forward_params(module: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``module``'s forward after ``self`` (None when it has no signature to read)."""
     try:
-        sig = inspect.signature(type(module).forward)
+        return list(inspect.signature(type(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    ps = list(sig.parameters.values())[1:]
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps):
+
+
+def _positional(p: inspect.Parameter) -> bool:
+    return p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
+def _n_forward_args(module: nn.Module) -> int | None:
+    ps = _forward_params(module)
+    if ps is None or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps):
         return None
-    return sum(1 for p in ps if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return sum(1 for p in ps if _positional(p))
 
 
 def _is_mlp(m: nn.Module) -> bool:
@@ -199,11 +207,8 @@ def _trial_inputs(block: nn.Module, router: nn.Linear, seen: list) -> list:
 
 
 def _n_required(module: nn.Module) -> int | None:
-    try:
-        ps = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return None
-    return sum(1 for p in ps if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    ps = _forward_params(module)
+    return None if ps is None else sum(1 for p in ps if _positional(p) and p.default is p.empty)
 
 
 _INLINE_PROOFS: dict[tuple, tuple] = {}  # block structure -> the trace's verdict (specs and strings only)
@@ -271,6 +276,15 @@ def _trace_inline(block: nn.Module, lst: nn.ModuleList, inputs: list) -> tuple:
     return "no", f"tracing the block for parallelize failed ({'; '.join(errors)}); pass example_inputs"
 
 
+_ALREADY = ("{}: already parallelized (parallelize runs once per model; change the mode with "
+            "moe_compile.set_parallel(model, mode))")
+
+
+def _parallelized(m: nn.Module) -> bool:
+    """Sharded or kept replicated by an earlier ``parallelize``."""
+    return any(getattr(m, a, None) is not None for a in ("_moe_parallel_key", "_moe_replicated"))
+
+
 def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], list[str], list[str]]:
     """(experts modules found, problems with modules that look like experts but cannot be sharded, notes)."""
     parent: dict[int, nn.Module] = {}
@@ -285,9 +299,8 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
     for path, m in model.named_modules():
         if any(path == t or path.startswith(t + ".") for t in taken):
             continue
-        if any(getattr(m, a, None) is not None for a in ("_moe_parallel_key", "_moe_replicated")):
-            problems.append(f"{path or '<model>'}: already parallelized (parallelize runs once per model; change "
-                            "the mode with moe_compile.set_parallel(model, mode))")
+        if _parallelized(m):
+            problems.append(_ALREADY.format(path or "<model>"))
             taken.append(path)
             continue
         known = capture.is_captured_class(m)
@@ -318,9 +331,8 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
     for lpath, (path, block, (lname, lst, router)) in innermost.items():
         if any(lpath == t or lpath.startswith(t + ".") for t in taken):
             continue
-        if any(getattr(lst, a, None) is not None for a in ("_moe_parallel_key", "_moe_replicated")):
-            problems.append(f"{lpath}: already parallelized (parallelize runs once per model; change the mode "
-                            "with moe_compile.set_parallel(model, mode))")
+        if _parallelized(lst):
+            problems.append(_ALREADY.format(lpath))
             continue
         seen = blocks.get(id(block), [])
         f, why = recognise_inline(path, block, lname, lst, _trial_inputs(block, router, seen))

@@ -28,8 +28,9 @@ import torch
 import torch.fx as fx
 
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
-from .graph import (EXPERTS, Region, ancestors_of, parallel_experts_op, clean_path, example_value, experts_ops, expert_lists, extract_region,
-                    is_op, live_value, param_path, size_checks, stack_paths, weight_refs)
+from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists,
+                    extract_region, is_op, live_value, parallel_experts_op, param_path, size_checks, stack_paths,
+                    weight_refs)
 from ..spec import RouterSpec
 from .router import describe_router
 
@@ -291,16 +292,19 @@ def fuse_inline_experts(gm: fx.GraphModule, rewrite: bool = True, skip=()) -> li
     return regions
 
 
+def _inline_tag(placeholder: fx.Node) -> tuple | None:
+    """``(key, op index or -1, expected reading)`` on a parameter of a list ``parallelize`` sharded, else None."""
+    return getattr(live_value(placeholder), "_moe_inline", None)
+
+
 def _parallel_tag(names: dict) -> tuple | None:
     """``(key, expected)`` when the experts' parameters belong to a ModuleList ``parallelize`` sharded, else None."""
-    tags = {id(t[2]): t for t in (getattr(p.meta["grapharg"].example, "_moe_inline", None) for p in names.values())
-            if t is not None}
-    if not tags:
+    tags = [_inline_tag(p) for p in names.values()]
+    if all(t is None for t in tags):
         return None
-    if len(tags) != 1 or len([p for p in names.values()
-                              if getattr(p.meta["grapharg"].example, "_moe_inline", None) is None]):
+    if any(t is None for t in tags) or len({id(t[2]) for t in tags}) != 1:
         raise RuntimeError("moe_compile: one MoE region mixes experts parallelize sharded with others")
-    key, _, expected = next(iter(tags.values()))
+    key, _, expected = tags[0]
     return key, expected
 
 
@@ -437,8 +441,7 @@ def _parallel_args(names, slots, spec, x, idx, w):
     if not vacuous and (got != expected["spec"] or {s: list(v) for s, v in slots.items()} != expected["slots"]):
         raise RuntimeError(f"moe_compile: the experts sharded by parallelize ({key}) now read as {got}, {slots}; "
                            f"parallelize proved {expected}")
-    local = sorted((getattr(p.meta["grapharg"].example, "_moe_inline")[1], p) for p in names.values()
-                   if getattr(p.meta["grapharg"].example, "_moe_inline")[1] >= 0)
+    local = sorted((_inline_tag(p)[1], p) for p in names.values() if _inline_tag(p)[1] >= 0)
     return (x, idx, w, [p for _, p in local], key)
 
 
