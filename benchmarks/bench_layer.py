@@ -258,9 +258,9 @@ def peak_memory(var: Variant, device) -> float:
     for p in var.params:
         p.grad = None
     gc.collect()
-    # ours reuses its CPU temporaries across steps (codegen.cpu.WORKSPACE): free them first, so that the step
+    # ours reuses its CPU temporaries across steps (kernels.aten.WORKSPACE): free them first, so that the step
     # allocates them again and they count, as held memory, from their allocation to the end of the step
-    from moe_compile.codegen import cpu as moe_cpu
+    from moe_compile.kernels import aten as moe_cpu
 
     moe_cpu.release_workspace()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -48,7 +48,8 @@ def _param_names(module: torch.nn.Module) -> list[str]:
     return [n for n, _ in module.named_parameters()]
 
 
-def _call_module(module, params: list[Tensor], x, idx, w):
+def call_module(module, params: list[Tensor], x, idx, w):
+    """``module(x, idx, w)`` with ``params`` for its parameters, in named_parameters order."""
     names = _param_names(module)
     return torch.func.functional_call(module, dict(zip(names, params)), (x, idx, w), strict=False)
 
@@ -95,64 +96,11 @@ def uncapturable(module: torch.nn.Module) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------------------------- keyed ops
-def keyed_experts_op(name: str, run):
-    """Define ``moe_compile::<name>(x, topk_idx, topk_weights, params, key) -> [T, H]`` computing
-    ``run(key, params, x, topk_idx, topk_weights)`` (Python code of a registered module), with a fake, and a
-    backward op ``<name>_backward`` that is ``torch.func.vjp`` of ``run`` for x, the weights and the params."""
-
-    @torch.library.custom_op(f"moe_compile::{name}", mutates_args=())
-    def op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str) -> Tensor:
-        with torch.no_grad():
-            out = run(key, params, x, topk_idx, topk_weights)
-        return out.clone() if out is x else out
-
-    @op.register_fake
-    def _fake(x, topk_idx, topk_weights, params, key):
-        return torch.empty_like(x)
-
-    @torch.library.custom_op(f"moe_compile::{name}_backward", mutates_args=())
-    def backward_op(
-        grad: Tensor, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, params: list[Tensor], key: str
-    ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        def f(x_, w_, ps):
-            return run(key, ps, x_, topk_idx, w_)
-
-        with torch.enable_grad():
-            _, vjp = torch.func.vjp(f, x, topk_weights, list(params))
-            dx, dw, dps = vjp(grad)
-        if not topk_weights.dtype.is_floating_point:
-            dw = torch.zeros_like(topk_weights)
-        # a custom op may not return its inputs
-        return dx, dw, [g.clone() if g is p else g for g, p in zip(dps, params)]
-
-    @backward_op.register_fake
-    def _backward_fake(grad, x, topk_idx, topk_weights, params, key):
-        return torch.empty_like(x), torch.empty_like(topk_weights), [torch.empty_like(p) for p in params]
-
-    def setup(ctx, inputs, output):
-        x, idx, w, params, key = inputs
-        ctx.key = key
-        ctx.save_for_backward(x, idx, w, *params)
-
-    def backward(ctx, grad):
-        x, idx, w, *params = ctx.saved_tensors
-        dx, dw, dps = backward_op(grad, x, idx, w, params, ctx.key)
-        return dx, None, dw, dps, None
-
-    op.register_autograd(backward, setup_context=setup)
-    return op
-
-
-# the capture op: the module's own forward, by key
-experts_call = keyed_experts_op(
-    "experts_call", lambda key, params, x, idx, w: _call_module(module_for(key), params, x, idx, w)
-)
-
-
 def captured_call(module: torch.nn.Module, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     """What a captured experts module runs while Dynamo traces it."""
-    return experts_call(x, idx, w, [p for _, p in module.named_parameters()], module_key(module))
+    # moe_compile::experts_call is defined in moe_compile.ops.calls (registered when moe_compile imports)
+    return torch.ops.moe_compile.experts_call.default(x, idx, w, [p for _, p in module.named_parameters()],
+                                                      module_key(module))
 
 
 def bind_experts_args(forward, module, args, kwargs) -> list:

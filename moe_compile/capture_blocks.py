@@ -53,7 +53,8 @@ def _args(module, x, a, b):
     return (x,) if getattr(type(module), "_moe_compile_block", ("",))[0] == "block" else (x, a, b)
 
 
-def _run(key, params, x, a, b):
+def run_block(key, params, x, a, b):
+    """What ``moe_compile::block_call`` (``ops.calls``) computes: the captured block's own forward."""
     module = capture.module_for(key)
     names = [n for n, _ in module.named_parameters()]
     out = torch.func.functional_call(module, dict(zip(names, params)), _args(module, x, a, b), strict=False)
@@ -63,8 +64,6 @@ def _run(key, params, x, a, b):
     return out
 
 
-block_call = capture.keyed_experts_op("block_call", _run)
-BLOCK_CALL = torch.ops.moe_compile.block_call.default
 
 
 def _patch(cls, kind: str, rank: int) -> None:
@@ -79,7 +78,8 @@ def _patch(cls, kind: str, rank: int) -> None:
             if isinstance(call, str):
                 SKIPPED[type(self)] = call
             else:
-                return block_call(*call, [p for _, p in self.named_parameters()], capture.module_key(self))
+                return torch.ops.moe_compile.block_call.default(*call, [p for _, p in self.named_parameters()],
+                                                                capture.module_key(self))
         return original(self, *args, **kwargs)
 
     cls.forward = forward

@@ -1,6 +1,7 @@
 """The one description of a matched MoE block.
 
-Detection (``moe_compile.passes.detect``) fills a :class:`MoESpec`; codegen (``moe_compile.codegen``) reads it.
+Detection (``moe_compile.passes.detect``) fills a :class:`MoESpec`; the ops and kernel backends
+(``moe_compile.ops``, ``moe_compile.kernels``) read it.
 The spec travels inside the graph as a JSON string argument of the ``moe_compile::`` ops, so it must stay a
 plain, hashable, JSON-serialisable value.
 """
@@ -11,9 +12,10 @@ import functools
 import json
 from dataclasses import dataclass
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "sigmoid", "identity", "swiglu_oai")
-"""Activations codegen knows. ``swiglu_oai`` is GPT-OSS's clamped SwiGLU:
-``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``."""
+from . import activations
+
+ACTIVATIONS = activations.NAMES
+"""Activations the kernels know (``moe_compile.activations`` defines each once)."""
 
 GATE_LAYOUTS = ("none", "concat", "interleaved", "separate")
 """How the first projection carries gate and up: ``none`` (plain MLP), ``concat`` ([gate | up] along the output

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .codegen import cpu
 
 
 def find_expert_list(module):
@@ -16,10 +15,10 @@ def find_expert_list(module):
     return lists[0]
 
 
-def run_user_experts(module, experts, names, params, x, idx, w):
-    """out[t] = sum_j w[t, j] * experts[idx[t, j]](x[t]), with parameters ``params`` (functional)."""
+def run_user_experts(module, experts, names, params, x, idx, w, plan):
+    """out[t] = sum_j w[t, j] * experts[idx[t, j]](x[t]), with parameters ``params`` (functional); ``plan`` is
+    the dispatch plan of ``idx`` (``moe_compile.kernels.plan``)."""
     values = dict(zip(names, params))
-    plan = cpu.make_plan(idx.long(), len(experts))
     xs = x[plan.tokens]
     ys, start = [], 0
     prefix = {id(e): f"{n}." for n, e in module.named_modules() if any(e is ex for ex in experts)}

@@ -1,4 +1,4 @@
-"""The ATen path (``codegen/cpu.py``): forward and hand-written backward against autograd through the per-token
+"""The ATen path (``kernels/aten.py``): forward and hand-written backward against autograd through the per-token
 definition, in float64, for every activation and gate layout, with the elementwise work run eagerly and compiled
 by inductor (the path large inputs take)."""
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_compile.codegen import cpu
+from moe_compile.kernels import aten as cpu
+from moe_compile.kernels import common
 from moe_compile.spec import MoESpec
 
 ACTS = [  # (activation, gated, gate_layout)
@@ -34,13 +35,13 @@ def _case(act, gated, layout, bias, weight_layout, T=13, E=5, k=2, H=8, F=6, see
     idx[1:4, 0] = 0  # an expert with several rows, others possibly empty
     w1, w2 = rnd(E, H, N) * 0.5, rnd(E, F, H) * 0.5
     b1, b2 = (rnd(E, N), rnd(E, H)) if bias else (None, None)
-    return spec, x, idx, w, cpu.Weights(w1, w2, b1, b2), grad
+    return spec, x, idx, w, common.Weights(w1, w2, b1, b2), grad
 
 
 def _reference(spec, x, idx, w, wts, grad):
     leaves = [t.detach().requires_grad_() for t in (x, w, wts.w1, wts.w2)]
     b = [None if t is None else t.detach().requires_grad_() for t in (wts.b1, wts.b2)]
-    out = cpu.reference_experts(spec, leaves[0], idx, leaves[1], cpu.Weights(*leaves[2:], *b))
+    out = common.reference_experts(spec, leaves[0], idx, leaves[1], common.Weights(*leaves[2:], *b))
     ins = leaves + [t for t in b if t is not None]
     grads = torch.autograd.grad(out, ins, grad, allow_unused=True)
     return out.detach(), grads
@@ -83,7 +84,7 @@ def test_one_kernel_pair_serves_every_size(monkeypatch, act, gated, layout):
 def test_swiglu_oai_case_reaches_the_clamps():
     spec, x, idx, w, wts, _ = _case("swiglu_oai", True, "interleaved", True, "in_out")
     _, (h, _) = cpu.experts_forward(spec, x, idx, w, wts)
-    gate, up = cpu.split_gate_up(spec, h)
+    gate, up = common.split_gate_up(spec, h)
     assert (gate > spec.act_limit).any() and (up.abs() > spec.act_limit).any() and (gate < spec.act_limit).any()
 
 
@@ -131,7 +132,7 @@ def test_compiled_kernels_match_autograd_all_activations(monkeypatch, act, gated
 def test_compiled_and_eager_kernels_agree_in_fp32(monkeypatch):
     spec, x, idx, w, wts, grad = _case("silu", True, "concat", False, "out_in", T=64, H=32, F=16)
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    args = (spec, x.float(), idx, w.float(), cpu.Weights(*map(f32, (wts.w1, wts.w2, wts.b1, wts.b2))))
+    args = (spec, x.float(), idx, w.float(), common.Weights(*map(f32, (wts.w1, wts.w2, wts.b1, wts.b2))))
     results = {}
     for mode in ("eager", "inductor"):
         monkeypatch.setattr(cpu, "KERNELS", mode)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import moe_compile
 from moe_compile import parallel as mp_
-from moe_compile.codegen.cpu import Weights
+from moe_compile.kernels.common import Weights
 from moe_compile.parallel import cost, dispatch
 import parallel_harness as testing
 from moe_compile.parallel.layout import Layout, ParallelError

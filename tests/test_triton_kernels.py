@@ -23,12 +23,14 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from moe_compile.codegen import cpu  # noqa: E402
-from moe_compile.codegen import triton_moe as tm  # noqa: E402
+from moe_compile.kernels import aten as cpu  # noqa: E402
+from moe_compile.kernels import common  # noqa: E402
+from moe_compile.kernels.triton import kernels as tk  # noqa: E402
+from moe_compile.kernels.triton import launch as tm  # noqa: E402
 from moe_compile.spec import MoESpec  # noqa: E402
 
 if IN_PROCESS:
-    tm.fix_old_interpreter()  # triton < 3.7's interpreter with numpy >= 2.4
+    tk.fix_old_interpreter()  # triton < 3.7's interpreter with numpy >= 2.4
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +83,7 @@ def _inputs(spec, T, pattern, bias, strided, w1_scale=0.3, seed=0):
     else:
         x = rnd(T, H)
         w1 = rnd(E, H, N) * w1_scale
-    wts = cpu.Weights(w1, rnd(E, F, H) * 0.2, rnd(E, N) * 0.5 if bias else None, rnd(E, H) * 0.5 if bias else None)
+    wts = common.Weights(w1, rnd(E, F, H) * 0.2, rnd(E, N) * 0.5 if bias else None, rnd(E, H) * 0.5 if bias else None)
     idx = _routing(T, E, k, pattern, g)
     w = torch.rand(T, k, generator=g)
     grad = rnd(T, H)
@@ -90,7 +92,7 @@ def _inputs(spec, T, pattern, bias, strided, w1_scale=0.3, seed=0):
 
 def _f64(wts):
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    return cpu.Weights(d(wts.w1), d(wts.w2), d(wts.b1), d(wts.b2))
+    return common.Weights(d(wts.w1), d(wts.w2), d(wts.b1), d(wts.b2))
 
 
 # (id, spec kwargs, T, routing pattern, bias, strided inputs, w1 scale)
@@ -123,7 +125,7 @@ def test_experts_forward_backward(case):
     x, idx, w, wts, grad = _inputs(spec, T, pattern, bias, strided, w1_scale)
     ref_out, (ref_h, ref_y) = cpu.experts_forward(spec, x.double(), idx, w.double(), _f64(wts), save_y=True)
     if T * spec.top_k <= 40:  # the per-token definition, as a check of the check
-        _close(ref_out, cpu.reference_experts(spec, x.double(), idx, w.double(), _f64(wts)), 1e-10, "reference")
+        _close(ref_out, common.reference_experts(spec, x.double(), idx, w.double(), _f64(wts)), 1e-10, "reference")
 
     out, (h, y) = tm.experts_forward(spec, x, idx, w, wts)
     assert out.dtype == x.dtype and h.dtype == y.dtype == x.dtype
@@ -153,7 +155,7 @@ def test_swiglu_oai_case_hits_the_clamps():
     spec = MoESpec(**CASES[1][1])
     x, idx, w, wts, _ = _inputs(spec, 21, "dropped", True, False, 1.5)
     _, (h, _) = tm.experts_forward(spec, x, idx, w, wts)
-    gate, up = cpu.split_gate_up(spec, h)
+    gate, up = common.split_gate_up(spec, h)
     assert (gate > spec.act_limit).any() and (up.abs() > spec.act_limit).any()
 
 
@@ -175,7 +177,7 @@ def test_half_precision(dtype):
     spec = MoESpec(num_experts=4, top_k=2, hidden=48, ffn=40)
     x, idx, w, wts, grad = _inputs(spec, 33, "dropped", True, True)
     c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    wts_h = cpu.Weights(c(wts.w1), c(wts.w2), c(wts.b1), c(wts.b2))
+    wts_h = common.Weights(c(wts.w1), c(wts.w2), c(wts.b1), c(wts.b2))
     ref_out, (ref_h, ref_y) = cpu.experts_forward(spec, c(x).double(), idx, w.double(), _f64(wts_h),
                                                   save_y=True)
     out, (h, y) = tm.experts_forward(spec, c(x), idx, w, wts_h)
@@ -216,43 +218,8 @@ def test_plan(E, k, T, pattern):
     assert torch.equal(torch.sort(blocks[blocks < n]).values, torch.arange(n))
 
 
-ROUTES = [
-    ("softmax-renorm", 7, 8, 2, dict(renormalize=True)),
-    ("softmax-E6-k3", 5, 6, 3, dict()),
-    ("sigmoid-scaled", 4, 10, 4, dict(score="sigmoid", scaling=1.5)),
-    ("deepseek-v3-like", 9, 64, 8, dict(score="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True,
-                                        scaling=2.5)),
-    ("group-max", 6, 24, 3, dict(n_group=4, topk_group=2)),
-    ("T1-k1", 1, 4, 1, dict()),
-]
-
-
-@pytest.mark.parametrize("case", ROUTES, ids=[r[0] for r in ROUTES])
-def test_route(case):
-    _, T, E, k, kw = case
-    g = torch.Generator().manual_seed(2)
-    kw = dict(kw)
-    if kw.get("bias"):
-        kw["bias"] = torch.randn(E, generator=g) * 0.2
-    logits = torch.randn(T, E, generator=g) * 2
-    w, idx = tm.route(logits, k, **kw)
-    rw, ridx = tm.route_reference(logits, k, **kw)
-    assert idx.dtype == torch.int64 and w.dtype == torch.float32
-    assert torch.equal(idx, ridx)
-    _close(w, rw, 1e-6, "weights")
-    if kw.get("renormalize"):
-        _close(w.sum(-1), torch.full((T,), float(kw.get("scaling", 1.0))), 1e-6, "renormalised sum")
-
-
-def test_route_rejects_bad_groups():
-    with pytest.raises(ValueError):
-        tm.route(torch.randn(2, 10), 2, n_group=4, topk_group=2)
-    with pytest.raises(ValueError):
-        tm.route(torch.randn(2, 8), 5, n_group=4, topk_group=2)
-
-
 def test_is_available_needs_cuda():
-    assert not tm.is_available(torch.randn(2, 2))
+    assert not tk.is_available(torch.randn(2, 2))
 
 
 def test_inference_forward_writes_no_activations():

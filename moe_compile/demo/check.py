@@ -11,7 +11,7 @@ differently over 2 ranks than over 1 moves its weight by 1% of ``lr``: fp32 para
 differ by ~1e-4 relative with correct parallel code (their gradients agree to ~1e-6). In float64 rounding is ~1e-16,
 so any difference above the tolerance is a real one. The copy is compiled with ``options={"compiler": "eager"}``
 (the moe backend's graph rewrite and the parallel experts op, without inductor's code generation) and the experts
-op's CPU path runs its eager elementwise formula (``moe_compile.codegen.cpu.KERNELS = "eager"``, the documented
+op's CPU path runs its eager elementwise formula (``moe_compile.kernels.aten.KERNELS = "eager"``, the documented
 ``MOE_COMPILE_CPU_KERNELS`` switch, for the check only), so it costs seconds, not inductor compiles in float64.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import moe_compile
-from moe_compile.codegen import cpu
+from moe_compile.kernels import aten
 
 TOLERANCE = 1e-5  # largest relative difference allowed; float64 rounding alone gives about 1e-15
 
@@ -112,11 +112,11 @@ def step_check(model, make_optimizer, opts: dict, ckpt: dict | None, batches, st
 
 @contextlib.contextmanager
 def eager_kernels():
-    old, cpu.KERNELS = cpu.KERNELS, "eager"
+    old, aten.KERNELS = aten.KERNELS, "eager"
     try:
         yield
     finally:
-        cpu.KERNELS = old
+        aten.KERNELS = old
 
 
 def moe_compile_clip(model, max_norm):

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..codegen import cpu
+from ..kernels.common import canonical_weights, weight_grads
 from .comm import Comm
 from .layout import ParallelError
 from .state import SLOTS, ParallelState
@@ -16,14 +16,14 @@ def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | 
     """Whole tensors under the unparallelized module's parameter names, from this rank's tensors shaped like its
     local parameters (the parameters themselves, or per-element optimizer state): a collective over the group.
     ``dst`` (a global rank in the group): gathered to that rank only; the others get ``{}``."""
-    local = cpu.canonical_weights(st.local_spec, *st._lists([t.detach() for t in tensors]))
+    local = canonical_weights(st.local_spec, *st._lists([t.detach() for t in tensors]))
     full = st._gather(local, Comm(st.world.group), list(range(st.W)), dst)
     if full is None:
         return {}
     dtype = tensors[0].dtype
     like = [[torch.empty(0, dtype=dtype)] * ((1 if st.spec.stacked else st.layout.E) if st.full_names[s] else 0)
             for s in SLOTS]
-    values = cpu.weight_grads(st.spec, full, *like)
+    values = weight_grads(st.spec, full, *like)
     return {n: v for s, vals in zip(SLOTS, values) for n, v in zip(st.full_names[s], vals)}
 
 
@@ -61,9 +61,9 @@ def local_from_full(module: nn.Module, full: dict[str, torch.Tensor]) -> dict[st
     the unparallelized module's parameter names; keys are the module's (local) parameter names. No collective."""
     st = module._moe_parallel
     lists = [[full[n] for n in st.full_names[s]] for s in SLOTS]
-    local = st.layout.shard(cpu.canonical_weights(st.spec, *lists), st.rank)
+    local = st.layout.shard(canonical_weights(st.spec, *lists), st.rank)
     params = [module.get_parameter(n) for n in st.local_names]
-    values = cpu.weight_grads(st.local_spec, local, *st._lists(params))
+    values = weight_grads(st.local_spec, local, *st._lists(params))
     return dict(zip(st.local_names, (v for vals in values for v in vals)))
 
 

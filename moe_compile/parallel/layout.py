@@ -1,6 +1,6 @@
 """Where each expert weight lives on ``W`` ranks, and how to cut and reassemble it.
 
-All of it works on the *canonical* weights of ``codegen.cpu`` (``w1 [E, H, N]``, ``w2 [E, F, H]``, ``b1 [E, N]``,
+All of it works on the *canonical* weights of ``kernels.common`` (``w1 [E, H, N]``, ``w2 [E, F, H]``, ``b1 [E, N]``,
 ``b2 [E, H]``; ``N = 2F`` when gated), whatever layout the module stores them in, so that one piece of code serves
 HF stacked experts, GPT-OSS's interleaved ``in_out`` weights and ``nn.ModuleList`` experts alike.
 
@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from ..codegen.cpu import Weights
+from ..kernels.common import Weights
 
 
 class ParallelError(ValueError):

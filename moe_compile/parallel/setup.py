@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import scope
-from ..codegen import cpu
+from ..kernels.common import canonical_weights, weight_grads
 from . import cost, op
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
@@ -317,12 +317,12 @@ def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, r
             if dp_group is not None:
                 dist.broadcast(params[n].data, src=dist.get_process_group_ranks(dp_group)[0], group=dp_group)
             dist.broadcast(params[n].data, src=granks[0], group=group)
-    full = cpu.canonical_weights(spec, *[[params[n].detach() for n in slots[s]] for s in SLOTS])
+    full = canonical_weights(spec, *[[params[n].detach() for n in slots[s]] for s in SLOTS])
     local = lay.shard(full, rank)
     local_spec = dataclasses.replace(spec, num_experts=lay.El, ffn=lay.Fl)
     per = 1 if spec.stacked else lay.El
     like = [[torch.empty(0, dtype=dtype)] * (per if slots[s] else 0) for s in SLOTS]
-    values = cpu.weight_grads(local_spec, local, *like)
+    values = weight_grads(local_spec, local, *like)
 
     owned = list(range(lay.first_expert(rank), lay.first_expert(rank) + lay.El))
     if spec.stacked:

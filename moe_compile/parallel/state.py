@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..codegen import cpu
-from ..codegen.cpu import Weights
+from .. import kernels
+from ..kernels.common import Weights, canonical_weights, weight_grads
+from ..ops.parallel import register_state, state_for  # noqa: F401  (state_for: re-exported)
 from ..spec import MoESpec
 from . import cost, dispatch
 from .comm import AllToAll, Comm, Traffic, transpose
@@ -39,16 +39,6 @@ on replicated ones (storage is chosen by ``parallelize`` and never changes), ``a
 _CODE = {"expert": 0, "data": 1, "tensor": 2}
 _NAME = {v: k for k, v in _CODE.items()}
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
-
-_STATES: "weakref.WeakValueDictionary[str, ParallelState]" = weakref.WeakValueDictionary()
-
-
-def state_for(key: str) -> "ParallelState":
-    try:
-        return _STATES[key]
-    except KeyError:
-        raise RuntimeError(f"moe_compile.parallel: the parallel experts module {key} no longer exists") from None
-
 
 @dataclass
 class Stats:
@@ -85,7 +75,7 @@ class ParallelState:
         self.grad_scale = 1.0
         self._ddp_checked: set[int] = set()
         self.stats = Stats()
-        _STATES[key] = self
+        register_state(key, self)
 
     # the state holds process groups: a deep copy (EMA models...) shares it; pickling is refused
     def __deepcopy__(self, memo):
@@ -296,18 +286,18 @@ class ParallelState:
     def forward(self, x: Tensor, idx: Tensor, w: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
         rec = self._begin(x, idx, w)
         mode, cap, _, a2a, C = self._decode(rec)
-        local = cpu.canonical_weights(self.local_spec, *self._lists(params))
+        local = canonical_weights(self.local_spec, *self._lists(params))
         spec = self._compute_spec(mode)
         wts = self._weights(mode, local, forward=True)
         if mode == "data":
-            return cpu.experts_forward(spec, x, idx, w, wts)[0], rec
+            return kernels.forward(spec, x, idx, w, wts)[0], rec
         lay, k, T = self.layout, idx.shape[1], x.shape[0]
         plan = dispatch.make_plan(lay, mode, self.rank, idx, C, cap)
         tok = torch.where(plan.send_src >= 0, torch.div(plan.send_src, k, rounding_mode="floor"), T)
         xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[tok]
         (xr,) = self._exchange(a2a, [xs], plan.counts)
         ones = xr.new_ones(xr.shape[0], 1)
-        yr = cpu.experts_forward(spec, xr, plan.recv_lid[:, None], ones, wts)[0]
+        yr = kernels.forward(spec, xr, plan.recv_lid[:, None], ones, wts)[0]
         (ys,) = self._exchange(a2a, [yr], transpose(plan.counts))
         valid = plan.send_src >= 0
         pairs = plan.send_src[valid]
@@ -320,7 +310,7 @@ class ParallelState:
     def backward(self, grad: Tensor, x: Tensor, idx: Tensor, w: Tensor, params: list[Tensor], rec: Tensor):
         mode, cap, averaged, a2a, C = self._decode(rec)
         lists = self._lists(params)
-        local = cpu.canonical_weights(self.local_spec, *lists)
+        local = canonical_weights(self.local_spec, *lists)
         spec = self._compute_spec(mode)
         wts_f = self._weights(mode, local, forward=True)
         wts_b = wts_f
@@ -328,8 +318,8 @@ class ParallelState:
             wts_b = local  # every shard sees all rows of its expert: each computes the full bias gradient
         grad = grad.to(x.dtype)
         if mode == "data":
-            _, (h, y) = cpu.experts_forward(spec, x, idx, w, wts_f)
-            dx, dw, d = cpu.experts_backward(spec, grad, x, idx, w, wts_b, h, y, forward_b2=wts_f.b2 is not None)
+            _, h, r = kernels.forward(spec, x, idx, w, wts_f)
+            dx, dw, d = kernels.backward(spec, grad, x, idx, w, wts_b, h, r, forward_b2=wts_f.b2 is not None)
         else:
             lay, k, T, H = self.layout, idx.shape[1], x.shape[0], x.shape[1]
             plan = dispatch.make_plan(lay, mode, self.rank, idx, C, cap)
@@ -340,8 +330,8 @@ class ParallelState:
             ws = torch.cat([w.reshape(-1), w.new_zeros(1)])[torch.where(valid, plan.send_src, T * k)]
             xr, gr, wr = self._exchange(a2a, [xs, gs, ws.unsqueeze(-1)], plan.counts)
             lid = plan.recv_lid[:, None]
-            _, (h, y) = cpu.experts_forward(spec, xr, lid, wr, wts_f)
-            dxr, dwr, d = cpu.experts_backward(spec, gr, xr, lid, wr, wts_b, h, y, forward_b2=wts_f.b2 is not None)
+            _, h, r = kernels.forward(spec, xr, lid, wr, wts_f)
+            dxr, dwr, d = kernels.backward(spec, gr, xr, lid, wr, wts_b, h, r, forward_b2=wts_f.b2 is not None)
             dxs, dws = self._exchange(a2a, [dxr, dwr], transpose(plan.counts))
             pairs = plan.send_src[valid]
             dx = torch.zeros_like(x).index_add_(0, torch.div(pairs, k, rounding_mode="floor"), dxs[valid])
@@ -349,7 +339,7 @@ class ParallelState:
             dw.index_add_(0, pairs, dws[valid, 0].to(w.dtype))
             dw = dw.view(w.shape)
         d = self._local_grads(mode, d)
-        grads = cpu.weight_grads(self.local_spec, d, *lists)
+        grads = weight_grads(self.local_spec, d, *lists)
         s = self.grad_scale / (self.W * self.DP if averaged else 1)
         flat = [g.mul(s) for gs_ in grads for g in gs_]  # fresh tensors (never views of one buffer)
         if self.dp is not None:  # sum this backward's contribution over the replicas of the shard

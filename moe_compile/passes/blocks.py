@@ -17,8 +17,7 @@ from .. import capture, capture_blocks
 from ..spec import RouterSpec
 from .detect import (SLOTS, ExpertsMatch, cached_proof, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
-from ..capture_blocks import BLOCK_CALL
-from .graph import EXPERTS, FUSED_TARGETS, Region, captured_calls, clean_path, module_path
+from .graph import BLOCK_CALL, EXPERTS, FUSED_TARGETS, Region, captured_calls, clean_path, module_path
 from .router import describe_router
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import capture
-from ..codegen import cpu
+from ..kernels import aten
+from ..kernels.common import canonical_weights, make_plan
 from ..spec import MoESpec, RouterSpec
 from ..user_experts import find_expert_list, run_user_experts
 
@@ -222,8 +223,9 @@ def _module_output(module, params64, x, idx, w):
 
 def _fused_output(spec: MoESpec, slots, params64, x, idx, w):
     lists = [[params64[n] for n in slots[s]] for s in SLOTS]
-    wts = cpu.canonical_weights(spec, *lists)
-    return cpu.experts_forward(spec, x, idx, w, wts)[0]
+    # the ATen backend defines what a spec computes (float64 here); the others are tested against it
+    wts = canonical_weights(spec, *lists)
+    return aten.experts_forward(spec, x, idx, w, wts)[0]
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -355,7 +357,8 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
             try:
                 ref = _module_output(module, m64, x, idx, w)
                 with capture.uncaptured():
-                    got = run_user_experts(module, experts, list(m64), list(m64.values()), x, idx, w)
+                    got = run_user_experts(module, experts, list(m64), list(m64.values()), x, idx, w,
+                                           make_plan(idx.long(), len(experts)))
             except Exception as e:  # noqa: BLE001 - reported, module left alone
                 return ExpertsMatch(None, reason=f"probing the experts failed: {e}", pattern=pattern)
             worst = max(worst, _relative_error(got, ref))

@@ -19,6 +19,7 @@ from .. import capture
 from ..spec import MoESpec
 
 EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
+BLOCK_CALL = torch.ops.moe_compile.block_call.default
 EXPERTS = torch.ops.moe_compile.experts.default
 DISPATCH_COMBINE = torch.ops.moe_compile.dispatch_combine.default
 EXPERTS_SLOTS = torch.ops.moe_compile.experts_slots.default

@@ -1,4 +1,4 @@
-"""The ATen path of the fused MoE experts op: sort once, grouped GEMMs, one gather and one index_add.
+"""The ATen kernel backend (CPU, and any device torch runs; float64 too): sort once, grouped GEMMs, one gather and one index_add.
 
 Forward, for tokens ``x [T, H]``, expert ids ``idx [T, k]`` (``E`` means "dropped", as HF's sentinel) and routing
 weights ``w [T, k]``:
@@ -22,50 +22,16 @@ import os
 import threading
 import types
 import warnings
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .. import activations
 from ..spec import MoESpec
+from .common import Plan, Weights, make_plan
+from .interface import KernelBackend
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# ----------------------------------------------------------------------------------------------- activations
-def _base_act(name: str, t: torch.Tensor) -> torch.Tensor:
-    if name == "silu":
-        return F.silu(t)
-    if name == "gelu":
-        return F.gelu(t)
-    if name == "gelu_tanh":
-        return F.gelu(t, approximate="tanh")
-    if name == "relu":
-        return F.relu(t)
-    if name == "sigmoid":
-        return torch.sigmoid(t)
-    if name == "identity":
-        return t
-    raise ValueError(f"{name!r} is not an elementwise activation")
-
-
-def split_gate_up(spec: MoESpec, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if spec.gate_layout == "interleaved":
-        return h[..., 0::2], h[..., 1::2]
-    return h[..., : spec.ffn], h[..., spec.ffn :]
-
-
-def activation(spec: MoESpec, h: torch.Tensor) -> torch.Tensor:
-    """``[S, N] -> [S, F]``: the expert's activation, gated or not, as the spec says."""
-    if not spec.gated:
-        return _base_act(spec.activation, h)
-    gate, up = split_gate_up(spec, h)
-    if spec.activation == "swiglu_oai":
-        gate = gate.clamp(max=spec.act_limit)
-        up = up.clamp(min=-spec.act_limit, max=spec.act_limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * spec.act_alpha))
-    return _base_act(spec.activation, gate) * up
 
 
 # ----------------------------------------------------------------------------------------------- grouped GEMM
@@ -106,114 +72,6 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offs_list: 
     return out
 
 
-# ----------------------------------------------------------------------------------------------- weights
-@dataclass
-class Weights:
-    """Canonical views of the expert weights: ``w1 [E, H, N]``, ``w2 [E, F, H]``, biases ``b1 [E, N]``,
-    ``b2 [E, H]`` (or None)."""
-
-    w1: torch.Tensor
-    w2: torch.Tensor
-    b1: torch.Tensor | None
-    b2: torch.Tensor | None
-
-
-def _stack(spec: MoESpec, ts: list[torch.Tensor]) -> torch.Tensor:
-    w = ts[0] if spec.stacked else torch.stack(ts)
-    return w.transpose(-1, -2) if spec.weight_layout == "out_in" else w
-
-
-def _stack_bias(spec: MoESpec, ts: list[torch.Tensor]) -> torch.Tensor | None:
-    if not ts:
-        return None
-    return ts[0] if spec.stacked else torch.stack(ts)
-
-
-def canonical_weights(spec: MoESpec, gate, up, down, b_gate, b_up, b_down) -> Weights:
-    w1 = _stack(spec, up)
-    b1 = _stack_bias(spec, b_up)
-    if spec.gate_layout == "separate":
-        w1 = torch.cat([_stack(spec, gate), w1], dim=-1)
-        if b1 is not None:
-            b1 = torch.cat([_stack_bias(spec, b_gate), b1], dim=-1)
-    return Weights(w1, _stack(spec, down), b1, _stack_bias(spec, b_down))
-
-
-def _unstack(spec: MoESpec, g: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    if spec.weight_layout == "out_in":
-        g = g.transpose(-1, -2)
-    if spec.stacked:
-        return [g.contiguous().to(like[0].dtype)]
-    # unbind gives views of one tensor; a custom op may not return aliases
-    return [t.to(r.dtype, copy=True, memory_format=torch.contiguous_format) for t, r in zip(g.unbind(0), like)]
-
-
-def _unstack_bias(spec: MoESpec, g: torch.Tensor | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    if not like:
-        return []
-    if spec.stacked:
-        return [g.to(like[0].dtype)]
-    return [t.to(r.dtype, copy=True) for t, r in zip(g.unbind(0), like)]
-
-
-def weight_grads(spec: MoESpec, d: Weights, gate, up, down, b_gate, b_up, b_down):
-    """Map gradients of the canonical weights back onto the op's weight inputs, in their own layout."""
-    d1, db1 = d.w1, d.b1
-    d_gate, d_b_gate = [], []
-    if spec.gate_layout == "separate":
-        # split into fresh tensors: a custom op may not return two views of one buffer
-        d_gate = _unstack(spec, d1[..., : spec.ffn].clone(), gate)
-        d1 = d1[..., spec.ffn :].clone()
-        if db1 is not None:
-            d_b_gate = _unstack_bias(spec, db1[..., : spec.ffn].clone(), b_gate)
-            db1 = db1[..., spec.ffn :].clone()
-    return (
-        d_gate,
-        _unstack(spec, d1, up),
-        _unstack(spec, d.w2, down),
-        d_b_gate,
-        _unstack_bias(spec, db1, b_up),
-        _unstack_bias(spec, d.b2, b_down),
-    )
-
-
-# ----------------------------------------------------------------------------------------------- dispatch plan
-@dataclass
-class Plan:
-    order: torch.Tensor  # [S_valid] flat (token, slot) positions, grouped by expert
-    tokens: torch.Tensor  # [S_valid] token of each sorted row
-    experts: torch.Tensor  # [S_valid] expert of each sorted row
-    offs: torch.Tensor  # [E] int32 cumulative row counts
-    offs_list: list[int]
-
-
-def make_plan(idx: torch.Tensor, num_experts: int) -> Plan:
-    k = idx.shape[-1]
-    flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    offs_list = offs.tolist()
-    n_valid = offs_list[-1] if offs_list else 0
-    sorted_e, order = torch.sort(flat, stable=True)
-    order, sorted_e = order[:n_valid], sorted_e[:n_valid]
-    return Plan(order, torch.div(order, k, rounding_mode="floor"), sorted_e, offs, offs_list)
-
-
-def check_routing(idx: torch.Tensor, w: torch.Tensor, x: torch.Tensor, num_experts: int) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"hidden states must be [tokens, hidden], got shape {tuple(x.shape)}")
-    if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"topk_idx must be [tokens={x.shape[0]}, k], got shape {tuple(idx.shape)}")
-    if w.shape != idx.shape:
-        raise ValueError(f"topk_weights shape {tuple(w.shape)} differs from topk_idx shape {tuple(idx.shape)}")
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise TypeError(f"topk_idx must be an integer tensor, got {idx.dtype}")
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi > num_experts:
-            raise ValueError(f"expert ids must lie in [0, {num_experts}] ({num_experts} = dropped), got [{lo}, {hi}]")
-
-
 # ----------------------------------------------------------------------------------------------- elementwise
 # The work between the GEMMs, as two functions per activation: ``act_forward(h, ws, aw)`` writes act(h) * ws into
 # ``aw``; ``act_backward(h, daw, ws, dh, aw, dws)`` writes d h, act(h) * ws and d ws into its last three. The
@@ -223,38 +81,6 @@ KERNELS = os.environ.get("MOE_COMPILE_CPU_KERNELS", "auto")
 """``auto``: inductor-compiled elementwise kernels for inputs of at least ``MIN_COMPILED_ELEMENTS`` elements of
 h, eager below; ``inductor``: always compiled; ``eager``: never (e.g. where no C++ compiler exists)."""
 MIN_COMPILED_ELEMENTS = 1 << 20
-
-
-def _gate_fn(name: str, alpha: float):
-    """``g -> (act(g), act'(g))`` for the elementwise activations."""
-
-    def silu(g):
-        s = torch.sigmoid(g)
-        return g * s, s * (1 + g * (1 - s))
-
-    def gelu(g):
-        cdf = 0.5 * (1 + torch.erf(g * math.sqrt(0.5)))
-        return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * (1 / math.sqrt(2 * math.pi))
-
-    def gelu_tanh(g):
-        c = math.sqrt(2 / math.pi)
-        t = torch.tanh(c * (g + 0.044715 * g * g * g))
-        return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
-
-    def relu(g):
-        return torch.relu(g), (g > 0).to(g.dtype)
-
-    def sigmoid(g):
-        s = torch.sigmoid(g)
-        return s, s * (1 - s)
-
-    def identity(g):
-        return g, torch.ones_like(g)
-
-    fns = dict(silu=silu, gelu=gelu, gelu_tanh=gelu_tanh, relu=relu, sigmoid=sigmoid, identity=identity)
-    if name not in fns:
-        raise ValueError(f"{name!r} is not an elementwise activation")
-    return fns[name]
 
 
 def _elementwise(spec: MoESpec):
@@ -278,14 +104,14 @@ def _elementwise(spec: MoESpec):
             d_u = torch.where((u >= -limit) & (u <= limit), glu, 0.0)
             return (uc + 1) * glu, d_g, d_u
     elif spec.gated:
-        base = _gate_fn(name, alpha)
+        base = activations.elementwise(name).value_and_grad
 
         def value_and_grads(h):
             g, u = split(h)
             v, dv = base(g)
             return v * u, dv * u, v
     else:
-        base = _gate_fn(name, alpha)
+        base = activations.elementwise(name).value_and_grad
 
         def value_and_grads(h):
             v, dv = base(h)
@@ -295,10 +121,10 @@ def _elementwise(spec: MoESpec):
         if name == "swiglu_oai":
             a = value_and_grads(h)[0]  # (inductor drops the unused derivatives)
         elif not spec.gated:
-            a = _base_act(name, h)
+            a = activations.elementwise(name).forward(h)
         else:
             g, u = split(h)
-            a = _base_act(name, g) * u
+            a = activations.elementwise(name).forward(g) * u
         aw.copy_(a * ws[:, None])
 
     def act_backward(h, daw, ws, dh, aw, dws):
@@ -497,20 +323,21 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     return dx, dw.view(w.shape), Weights(dw1, dw2, db1, db2)
 
 
-def reference_experts(spec: MoESpec, x, idx, w, wts: Weights) -> torch.Tensor:
-    """The definition, one token at a time (for tests; slow)."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(idx.shape[1]):
-            e = int(idx[t, j])
-            if e == spec.num_experts:
-                continue
-            xt, wt = (x[t] * w[t, j], 1) if spec.score_on_input else (x[t], w[t, j])
-            h = xt @ wts.w1[e]
-            if wts.b1 is not None:
-                h = h + wts.b1[e]
-            y = activation(spec, h) @ wts.w2[e]
-            if wts.b2 is not None:
-                y = y + wts.b2[e]
-            out[t] += y * wt
-    return out
+# ----------------------------------------------------------------------------------------------- the backend
+class AtenBackend(KernelBackend):
+    """Every device torch runs and every dtype (float64 too); the only one for ``score_on_input``."""
+
+    name = "aten"
+
+    def accepts(self, spec, x) -> bool:
+        return True
+
+    def forward(self, spec, x, idx, w, wts, *, keep_outputs=False):
+        out, (h, r) = experts_forward(spec, x, idx, w, wts, save_y=keep_outputs)
+        return out, h, r
+
+    def backward(self, spec, grad, x, idx, w, wts, h, r, *, kept_outputs=False, forward_b2=True):
+        return experts_backward(spec, grad, x, idx, w, wts, h, None if kept_outputs else r, forward_b2=forward_b2)
+
+    def plan(self, idx, num_experts):
+        return make_plan(idx.long(), num_experts)
