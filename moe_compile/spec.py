@@ -21,6 +21,13 @@ GATE_LAYOUTS = ("none", "concat", "interleaved", "separate")
 """How the first projection carries gate and up: ``none`` (plain MLP), ``concat`` ([gate | up] along the output
 dimension, HF's default), ``interleaved`` (gate0, up0, gate1, ... as GPT-OSS), ``separate`` (two weights)."""
 
+AUTOCAST_MODES = ("cast", "cast_out", "none")
+"""What a block's eager code does under ``torch.autocast`` (the fused ops do the same; ``ops/autocast.py``):
+``cast``: its expert GEMMs run in the autocast dtype and its output keeps the input's dtype (HF experts modules,
+loops that ``index_add_`` into ``zeros_like(x)``); ``cast_out``: the output is in the autocast dtype too (GShard's
+einsum combine, a sum over k of the experts' outputs); ``none``: the code does not autocast (``torch._grouped_mm``,
+code under ``autocast(enabled=False)``): it computes in the input's dtype."""
+
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 """``out_in``: a weight maps x as ``x @ W.T`` (nn.Linear, HF's default); ``in_out``: ``x @ W`` (GPT-OSS)."""
 
@@ -64,6 +71,7 @@ class MoESpec:
     expert_body: str = "mlp"  # "mlp": fused GEMMs; "user": the user's expert modules run inside dispatch+combine
     score_on_input: bool = False  # expert e sees w * x and its output is summed unweighted (torchtitan's
     # score-before-experts, Llama-4); otherwise w scales the expert's output. ATen path only (ops routes there)
+    autocast: str = "cast"  # under torch.autocast, what the block's own code does (AUTOCAST_MODES)
     pattern: str = ""  # which detector matched, for explain
 
     def __post_init__(self):
@@ -73,6 +81,8 @@ class MoESpec:
             raise ValueError(f"unknown gate layout {self.gate_layout!r}; known: {GATE_LAYOUTS}")
         if self.weight_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"unknown weight layout {self.weight_layout!r}; known: {WEIGHT_LAYOUTS}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"unknown autocast mode {self.autocast!r}; known: {AUTOCAST_MODES}")
         if self.expert_body not in ("mlp", "user"):
             raise ValueError(f"expert_body must be 'mlp' or 'user', got {self.expert_body!r}")
         if self.num_experts < 1 or self.top_k < 1 or self.hidden < 1 or (self.ffn < 1 and self.expert_body == "mlp"):

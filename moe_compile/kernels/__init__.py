@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from ..spec import MoESpec
 from .common import Plan, Weights
 from .interface import KernelBackend
@@ -86,14 +88,23 @@ def select(spec: MoESpec | None, x) -> KernelBackend:
     raise RuntimeError("no kernel backend accepts this block; the ATen backend was unregistered")  # pragma: no cover
 
 
+def _no_autocast(x):
+    """Backends compute in the dtype of the tensors they are given (the ops' autocast kernels chose it): an
+    autocast region around an op's backward must not recast their GEMMs."""
+    on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
+
+
 def forward(spec: MoESpec, x, idx, w, wts: Weights, *, keep_outputs: bool = False):
-    return select(spec, x).forward(spec, x, idx, w, wts, keep_outputs=keep_outputs)
+    with _no_autocast(x):
+        return select(spec, x).forward(spec, x, idx, w, wts, keep_outputs=keep_outputs)
 
 
 def backward(spec: MoESpec, grad, x, idx, w, wts: Weights, h, r, *, kept_outputs: bool = False,
              forward_b2: bool = True):
-    return select(spec, x).backward(spec, grad, x, idx, w, wts, h, r, kept_outputs=kept_outputs,
-                                    forward_b2=forward_b2)
+    with _no_autocast(x):
+        return select(spec, x).backward(spec, grad, x, idx, w, wts, h, r, kept_outputs=kept_outputs,
+                                        forward_b2=forward_b2)
 
 
 def plan(x, idx, num_experts: int, spec: MoESpec | None = None) -> Plan:

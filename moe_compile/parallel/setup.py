@@ -11,7 +11,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import scope
+from ..capture import run_own_code
 from ..kernels.common import canonical_weights, weight_grads
+from ..passes.autocast import eager_mode, with_autocast
 from . import cost, op
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
@@ -307,6 +309,10 @@ def _inline_problem(f: Found, W: int) -> str | None:
 
 def _shard_module(f: Found, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group) -> list[str]:
     m, spec, slots = f.module, f.match.spec, f.match.slots
+    if f.block is None:  # what its own code does under autocast (an inline list's: read by the pass that fuses it)
+        p0 = m.get_parameter(slots["up"][0])
+        spec = with_autocast(spec, eager_mode(spec, p0.dtype, p0.device,
+                                              lambda *a: run_own_code(m, dict(m.named_parameters()), a)))
     lay = Layout(spec.num_experts, W, spec.hidden, spec.ffn, spec.gate_layout,
                  has_b1=bool(slots["b_up"]), has_b2=bool(slots["b_down"]))
     names = [n for s in SLOTS for n in slots[s]]

@@ -10,6 +10,8 @@ import weakref
 
 import torch.fx as fx
 
+from ..capture import run_own_code
+from .autocast import module_mode, with_autocast
 from .detect import SLOTS, recognise_module, with_top_k
 from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, PREFUSED, Region, captured_calls, module_path, weight_refs
 from .router import describe_router
@@ -68,6 +70,7 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
                                       module=weakref.ref(module)))
             continue
         spec = with_top_k(match.spec, k, router)
+        spec = with_autocast(spec, module_mode(x, spec, lambda *a, m=module: run_own_code(m, dict(m.named_parameters()), a)))
         by_name = dict(zip([n for n, _ in module.named_parameters()], params))
         lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
         if rewrite:

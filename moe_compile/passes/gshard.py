@@ -25,6 +25,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from .autocast import region_mode, with_autocast
 from .detect import SLOTS, layer_candidates, prove, random_routing, stacked_candidates
 from .graph import EXPERTS_SLOTS, Region, ancestors_of, example_value, expert_lists, extract_region, module_path, weight_refs
 
@@ -406,6 +407,7 @@ def _operand_lists(gm, by_name, slots, rows, before):
 
 
 def _rewrite(gm, ds: _Site, cs: _Site, region, lists, spec) -> None:
+    spec = with_autocast(spec, region_mode(region, ds.other, cs.node))
     with gm.graph.inserting_after(cs.node):
         fused = gm.graph.call_function(EXPERTS_SLOTS, (ds.other, ds.slots, cs.slots, *lists, spec.to_json()))
     with gm.graph.inserting_after(fused):

@@ -27,6 +27,8 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
+from ..ops.parallel import state_for
+from .autocast import region_mode, with_autocast
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
 from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists,
                     extract_region, is_op, live_value, parallel_experts_op, param_path, size_checks, stack_paths,
@@ -447,8 +449,11 @@ def _parallel_args(names, slots, spec, x, idx, w):
 
 def _replace_region(gm, region, out, x, idx, w, names, slots, spec):
     inside = set(region)
+    spec = with_autocast(spec, region_mode(region, x, out))
     if _parallel_tag(names) is not None:
         op, args = parallel_experts_op(), _parallel_args(names, slots, spec, x, idx, w)
+        state = state_for(args[-1])  # the sharded op follows what this traced code does under autocast
+        state.spec = with_autocast(state.spec, spec.autocast)
     else:
         op, args = EXPERTS, (x, idx, w, *[[names[n] for n in slots[s]] for s in SLOTS], spec.to_json())
     with gm.graph.inserting_after(_insert_point(gm, [out, x, idx, w])):
