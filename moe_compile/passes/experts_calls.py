@@ -70,7 +70,8 @@ def fuse_experts_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]
                                       module=weakref.ref(module)))
             continue
         spec = with_top_k(match.spec, k, router)
-        spec = with_autocast(spec, module_mode(x, spec, lambda *a, m=module: run_own_code(m, dict(m.named_parameters()), a)))
+        own_code = lambda *a, m=module: run_own_code(m, dict(m.named_parameters()), a)  # noqa: E731
+        spec = with_autocast(spec, module_mode(x, spec, own_code))
         by_name = dict(zip([n for n, _ in module.named_parameters()], params))
         lists = [[by_name[n] for n in match.slots[s]] for s in SLOTS]
         if rewrite:

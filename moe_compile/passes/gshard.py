@@ -407,7 +407,6 @@ def _operand_lists(gm, by_name, slots, rows, before):
 
 
 def _rewrite(gm, ds: _Site, cs: _Site, region, lists, spec) -> None:
-    spec = with_autocast(spec, region_mode(region, ds.other, cs.node))
     with gm.graph.inserting_after(cs.node):
         fused = gm.graph.call_function(EXPERTS_SLOTS, (ds.other, ds.slots, cs.slots, *lists, spec.to_json()))
     with gm.graph.inserting_after(fused):
@@ -451,7 +450,8 @@ def _fuse_one(gm, ds: _Site, cs: _Site, down: set, rewrite: bool) -> Region:
     match = prove(cands, live, reference, E, pattern, probes=probes)
     if not match.ok:
         return Region(where, pattern, False, match.reason)
-    spec = dataclasses.replace(match.spec, top_k=E, dispatch="slots")
+    spec = with_autocast(dataclasses.replace(match.spec, top_k=E, dispatch="slots"),
+                         region_mode(region, ds.other, cs.node))
     if rewrite:
         _rewrite(gm, ds, cs, region, _operand_lists(gm, by_name, match.slots, rows, cs.node), spec)
     return Region(where, f"{pattern}, {spec.activation}", True, "", spec, weights=weight_refs(by_name.values()))

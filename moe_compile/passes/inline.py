@@ -369,7 +369,7 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
     if not match.ok:
         return None, None, match.reason
     router, _ = describe_router(x, idx, w)
-    spec = with_top_k(match.spec, k, router)
+    spec = with_autocast(with_top_k(match.spec, k, router), region_mode(region, x, out))
     if rewrite:
         _replace_region(gm, region, out, x, idx, w, names, match.slots, spec)
     return spec, match.slots, ""
@@ -417,6 +417,7 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
         return None, None, match.reason
     spec = with_top_k(match.spec, E, RouterSpec(score="sigmoid" if any(is_op(n, "sigmoid") for n in ancestors_of(s))
                                                 else "unknown", order="topk->score"))
+    spec = with_autocast(spec, region_mode(region, x, out))
     if rewrite:
         with gm.graph.inserting_after(_insert_point(gm, [x, s])):
             n_tok = gm.graph.call_method("size", (x, 0))
@@ -449,7 +450,6 @@ def _parallel_args(names, slots, spec, x, idx, w):
 
 def _replace_region(gm, region, out, x, idx, w, names, slots, spec):
     inside = set(region)
-    spec = with_autocast(spec, region_mode(region, x, out))
     if _parallel_tag(names) is not None:
         op, args = parallel_experts_op(), _parallel_args(names, slots, spec, x, idx, w)
         state = state_for(args[-1])  # the sharded op follows what this traced code does under autocast
