@@ -54,13 +54,15 @@ class Activation:
     forward: Callable | None  # t -> act(t) (None: gated-only, spelled out where it is used)
     value_and_grad: Callable | None  # g -> (act(g), act'(g)), written out for the ATen path's backward
     gated_only: bool = False
+    hints: tuple[str, ...] = ()  # substrings of an activation module's class name that make this reading first
 
 
 TABLE: dict[str, Activation] = {a.name: a for a in (
     Activation("silu", 0, F.silu, _silu),
-    Activation("gelu", 1, F.gelu, _gelu),
-    Activation("gelu_tanh", 2, lambda t: F.gelu(t, approximate="tanh"), _gelu_tanh),
-    Activation("relu", 3, F.relu, _relu),
+    Activation("gelu", 1, F.gelu, _gelu, hints=("gelu",)),
+    Activation("gelu_tanh", 2, lambda t: F.gelu(t, approximate="tanh"), _gelu_tanh,
+               hints=("tanh", "new", "fast", "pytorch")),  # HF's NewGELU, FastGELU, PytorchGELUTanh
+    Activation("relu", 3, F.relu, _relu, hints=("relu",)),
     Activation("sigmoid", 4, torch.sigmoid, _sigmoid),
     Activation("identity", 5, lambda t: t, _identity),
     Activation("swiglu_oai", 6, None, None, gated_only=True),
@@ -80,3 +82,15 @@ def elementwise(name: str) -> Activation:
     if a.forward is None:
         raise ValueError(f"{name!r} is not an elementwise activation")
     return a
+
+
+def reading_order(hint: str) -> list[str]:
+    """The elementwise activations in the order a proof tries them, for an activation module named ``hint``
+    (lower case): the one whose hints match goes first; later rows of the table are the more specific ones and win
+    (``gelutanh`` is gelu_tanh, not gelu)."""
+    names = [a.name for a in TABLE.values() if not a.gated_only]
+    first = next((a.name for a in reversed(TABLE.values()) if any(h in hint for h in a.hints)), None)
+    if first is not None:
+        names.remove(first)
+        names.insert(0, first)
+    return names

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import capture
+from .. import activations, capture
 from ..kernels import aten
 from ..kernels.common import canonical_weights, make_plan
 from ..spec import MoESpec, RouterSpec
@@ -51,18 +51,8 @@ class ExpertsMatch:
 
 # --------------------------------------------------------------------------------------------- candidates
 def _act_order(module) -> list[str]:
-    names = ["silu", "gelu", "gelu_tanh", "relu", "sigmoid", "identity"]
     hint = type(getattr(module, "act_fn", None) or getattr(module, "act", None) or object()).__name__.lower()
-    if "tanh" in hint or "new" in hint or "fast" in hint or "pytorch" in hint:
-        names.remove("gelu_tanh")
-        names.insert(0, "gelu_tanh")
-    elif "gelu" in hint:
-        names.remove("gelu")
-        names.insert(0, "gelu")
-    elif "relu" in hint:
-        names.remove("relu")
-        names.insert(0, "relu")
-    return names
+    return activations.reading_order(hint)
 
 
 def _swiglu_params(module):
