@@ -92,3 +92,31 @@ def out_and_grads(model, x):
     out.pow(2).mean().backward()
     return out.detach(), {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()
                           if p.grad is not None}
+
+
+def recording_backend(name: str = "recording"):
+    """A kernel backend (``moe_compile.kernels``) that delegates to the ATen backend and records each call as
+    ``(method, spec.dispatch, x.dtype)`` in ``.calls``: register it to see which calls reach a backend."""
+    from moe_compile import kernels
+    from moe_compile.kernels import aten
+
+    class Recording(kernels.KernelBackend):
+        def __init__(self):
+            self.name, self.calls, self.inner = name, [], aten.AtenBackend()
+
+        def accepts(self, spec, x) -> bool:
+            return True
+
+        def forward(self, spec, x, idx, w, wts, *, keep_outputs=False):
+            self.calls.append(("forward", spec.dispatch, x.dtype))
+            return self.inner.forward(spec, x, idx, w, wts, keep_outputs=keep_outputs)
+
+        def backward(self, spec, grad, x, idx, w, wts, h, r, **kw):
+            self.calls.append(("backward", spec.dispatch, x.dtype))
+            return self.inner.backward(spec, grad, x, idx, w, wts, h, r, **kw)
+
+        def plan(self, idx, num_experts):
+            self.calls.append(("plan", "", None))
+            return self.inner.plan(idx, num_experts)
+
+    return Recording()

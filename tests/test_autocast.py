@@ -10,44 +10,25 @@ import torch.distributed as dist
 
 import moe_compile
 from moe_compile import kernels
-from moe_compile.kernels import aten
 
 import models
 import parallel_harness as testing
-from helpers import tiny_hf_model
+from helpers import recording_backend, tiny_hf_model
 
 BF16 = 3e-2  # max |err| / max |ref|: a few bf16 roundings (eps 2^-8) through two GEMMs and their gradients
 
 
-class DtypeRecorder(kernels.KernelBackend):
-    name = "dtype_recorder"
-
-    def __init__(self):
-        self.dtypes: list[torch.dtype] = []
-        self.inner = aten.AtenBackend()
-
-    def accepts(self, spec, x):
-        return True
-
-    def forward(self, spec, x, idx, w, wts, *, keep_outputs=False):
-        self.dtypes.append(x.dtype)
-        return self.inner.forward(spec, x, idx, w, wts, keep_outputs=keep_outputs)
-
-    def backward(self, spec, grad, x, idx, w, wts, h, r, **kw):
-        self.dtypes.append(x.dtype)
-        return self.inner.backward(spec, grad, x, idx, w, wts, h, r, **kw)
-
-    def plan(self, idx, num_experts):
-        return self.inner.plan(idx, num_experts)
-
-
 @pytest.fixture
 def recorder():
-    backend = kernels.register(DtypeRecorder())
+    backend = kernels.register(recording_backend("dtype_recorder"))
     try:
         yield backend
     finally:
         kernels.unregister(backend.name)
+
+
+def _dtypes(recorder):
+    return [dtype for method, _, dtype in recorder.calls if method != "plan"]
 
 
 def _rel(a, b):
@@ -122,7 +103,7 @@ def test_fused_ops_follow_eager_autocast(name, recorder):
     ref, out, errs = _compare(model, torch.randn(*shape))
     assert [r.spec.autocast for r in moe_compile.backend.last_regions] == [mode]
     assert out.dtype == ref.dtype
-    assert recorder.dtypes and set(recorder.dtypes) == {torch.bfloat16}, recorder.dtypes
+    assert _dtypes(recorder) and set(_dtypes(recorder)) == {torch.bfloat16}, _dtypes(recorder)
     assert max(errs.values()) < BF16, errs
 
 
@@ -132,7 +113,7 @@ def test_code_that_does_not_autocast_stays_fp32(recorder):
     ref, out, errs = _compare(model, torch.randn(2, 9, model.gate.weight.shape[1]))
     assert [r.spec.autocast for r in moe_compile.backend.last_regions] == ["none"]
     assert out.dtype == ref.dtype == torch.float32
-    assert set(recorder.dtypes) == {torch.float32}, recorder.dtypes
+    assert set(_dtypes(recorder)) == {torch.float32}, _dtypes(recorder)
     # the experts computed in fp32 as eager's did; only the router's GEMM (and its part of dx) ran in bf16, where
     # the two sides sum bf16-rounded products in another order. Casting the experts would cost ~1e-3 here.
     assert max(v for n, v in errs.items() if n.startswith("experts")) < 1e-5, errs
@@ -145,7 +126,7 @@ def test_inductor_follows_eager_autocast(recorder):
     torch.manual_seed(0)
     model = tiny_hf_model("mixtral", "eager").model.layers[0].mlp
     ref, out, errs = _compare(model, torch.randn(2, 9, model.gate.weight.shape[1]), compiler="inductor")
-    assert out.dtype == ref.dtype and set(recorder.dtypes) == {torch.bfloat16}, recorder.dtypes
+    assert out.dtype == ref.dtype and set(_dtypes(recorder)) == {torch.bfloat16}, _dtypes(recorder)
     assert max(errs.values()) < BF16, errs
 
 
@@ -175,7 +156,7 @@ def _w_parallel_autocast(mode, kind):
     """A parallelized model run eagerly under autocast against one process's eager autocast on the global batch."""
     from moe_compile import parallel as api
 
-    rank, W = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     model = testing.toy_model(dict(kind=kind, E=4, k=2, layers=1))
     ref = copy.deepcopy(model)

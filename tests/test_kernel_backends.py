@@ -9,41 +9,16 @@ import torch.distributed as dist
 
 import moe_compile
 from moe_compile import kernels
-from moe_compile.kernels import aten
 from moe_compile.spec import MoESpec
 
 import models
 import parallel_harness as testing
-
-
-class Recording(kernels.KernelBackend):
-    """Delegates to the ATen backend and records which method ran on which spec."""
-
-    name = "recording"
-
-    def __init__(self):
-        self.calls: list[tuple[str, str]] = []
-        self.inner = aten.AtenBackend()
-
-    def accepts(self, spec, x) -> bool:
-        return True
-
-    def forward(self, spec, x, idx, w, wts, *, keep_outputs=False):
-        self.calls.append(("forward", spec.dispatch))
-        return self.inner.forward(spec, x, idx, w, wts, keep_outputs=keep_outputs)
-
-    def backward(self, spec, grad, x, idx, w, wts, h, r, *, kept_outputs=False, forward_b2=True):
-        self.calls.append(("backward", spec.dispatch))
-        return self.inner.backward(spec, grad, x, idx, w, wts, h, r, kept_outputs=kept_outputs, forward_b2=forward_b2)
-
-    def plan(self, idx, num_experts):
-        self.calls.append(("plan", ""))
-        return self.inner.plan(idx, num_experts)
+from helpers import recording_backend
 
 
 @pytest.fixture
 def recording():
-    backend = kernels.register(Recording())
+    backend = kernels.register(recording_backend())
     try:
         yield backend
     finally:
@@ -65,7 +40,7 @@ def _compiled_vs_eager(model, x, backend):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for (n, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
-    return backend.calls
+    return [c[:2] for c in backend.calls]
 
 
 def test_experts_op_reaches_the_registered_backend(recording):
@@ -99,7 +74,7 @@ def test_select_order_forcing_and_errors(recording):
         assert kernels.select(spec, x).name == "aten"
     assert kernels.select(spec, x) is recording
     with pytest.raises(ValueError, match="registered already"):
-        kernels.register(Recording())
+        kernels.register(recording_backend())
     with pytest.raises(TypeError, match="KernelBackend"):
         kernels.register(object())
     with pytest.raises(KeyError, match="no kernel backend named"):
@@ -122,14 +97,14 @@ def test_builtin_selection_without_triton_interpreter():
 
 # --------------------------------------------------------------------------------------------- parallel modes
 def _w_parallel_modes(kind):
-    backend = kernels.register(Recording())
+    backend = kernels.register(recording_backend())
     try:
         res = {}
         for mode in ("expert", "data", "tensor"):
             backend.calls.clear()
             r = testing.compare(dict(kind=kind, E=4 if mode != "tensor" else 1, k=2 if mode != "tensor" else 1,
                                      tokens=[5, 3], modes=[mode, mode]))
-            res[mode] = (r["errors"], list(backend.calls))
+            res[mode] = (r["errors"], [c[:2] for c in backend.calls])
         return res
     finally:
         kernels.unregister("recording")
