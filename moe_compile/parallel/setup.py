@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import scope
 from ..codegen import cpu
-from . import cost, op
+from . import cost, fsdp_grads, op
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
 from .layout import Layout, ParallelError, check_sizes
@@ -177,6 +177,12 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         dp_group, DP = None, 1  # experts not sharded: DDP all-reduces them like any weight; or no replicas
 
     errors: list[str] = []
+    sharded_by_fsdp = fsdp_grads.fsdp_modules_in(root)
+    if sharded_by_fsdp:
+        errors.append(
+            f"fully_shard was already applied to {['<model>' if not p else p for p in sharded_by_fsdp][:4]}: FSDP2 "
+            "has sharded every parameter, experts included. Fix: call moe_compile.parallelize(model) first, then "
+            "fully_shard(block, ignored_params=moe_compile.fsdp_ignored_params(model)) on the blocks and the model")
     if mode not in MODES:
         errors.append(f"unknown parallel mode {mode!r}; known: {MODES}")
     if tokens_per_call is not None and (not isinstance(tokens_per_call, int) or isinstance(tokens_per_call, bool)
@@ -281,6 +287,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         cf = capacity_factor if capacity_factor is not None else _router_capacity(f, parents)
         names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
+        fsdp_grads.set_model(f.module._moe_parallel, root, f.path)
         f.module._moe_parallel.layout_choice = choice
         if rates is not None:
             f.module._moe_parallel.rates, f.module._moe_parallel.rates_fixed = rates, True

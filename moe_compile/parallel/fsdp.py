@@ -1,0 +1,43 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the dense weights, ``parallelize`` for the experts.
+
+    moe_compile.parallelize(model, mesh=mesh)                 # the experts: sharded over mesh["ep"]
+    ignored = moe_compile.fsdp_ignored_params(model)          # ... so FSDP2 must leave them alone
+    for block in model.blocks:
+        fully_shard(block, ignored_params=ignored)            # the dense weights: sharded over every rank
+    fully_shard(model, ignored_params=ignored)
+    model = torch.compile(model, backend="moe")
+
+The experts op reads FSDP2's gradient divide factor (``fsdp_grads``) so expert gradients are scaled like the
+dense ones. For ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` / ``set_model_state_dict``
+and the optimizer's) the sharded experts are presented as ``DTensor``s, see ``fsdp_state_dict``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .layout import ParallelError
+from .tags import parallel_states, unwrapped
+
+
+def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters ``fully_shard`` must leave alone on a parallelized ``model``: every sharded expert parameter
+    (this rank's shard, already split over the experts group by ``parallelize``; its gradient is reduced and scaled
+    by the experts op) and the placeholders of other ranks' experts in blocks that dispatch inline. Pass it as
+    ``ignored_params=`` to every ``fully_shard`` call on the model or its submodules. Replicated experts modules'
+    parameters (``mode="replicate"`` or ``auto``'s choice) are not in it: FSDP2 shards those like dense weights.
+
+    Call it after ``parallelize`` and before the first ``fully_shard``; without a process group (nothing
+    sharded) it is empty."""
+    root = unwrapped(model)
+    states = parallel_states(root)
+    if not states and not any(getattr(p, "_moe_expert", False) for p in root.parameters()):
+        raise ParallelError(
+            "moe_compile.fsdp_ignored_params: the model has no expert parameters tagged by moe_compile.parallelize. "
+            "Fix: call moe_compile.parallelize(model, ...) first (before fully_shard)")
+    out: set[nn.Parameter] = set()
+    for m in root.modules():
+        for p in m.parameters(recurse=False):
+            if getattr(p, "_ddp_ignored", False) and getattr(p, "_moe_expert", False) or getattr(p, "_moe_remote",
+                                                                                                  False):
+                out.add(p)
+    return out
