@@ -129,3 +129,144 @@ def fsdp_compare(case: dict) -> dict:
                 note("optim_state", testing.rel(torch.as_tensor(full(fos["state"][n][key])), torch.as_tensor(v)))
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if case.get("compile") else 0
     return {"errors": errs, "per_step": per_step, "graphs": graphs, "report": str(api.parallel_report(par))}
+
+
+# --------------------------------------------------------------------------------------------- DCP state dicts
+G = 12  # global batch (tokens per step, split over the ranks): the same steps at every world size
+
+
+def batch(step: int, H: int = 16):
+    g = torch.Generator().manual_seed(500 + step)
+    return torch.randn(G, H, generator=g), torch.randn(G, H, generator=g)
+
+
+def train_steps(model, run, opt, steps, case: dict) -> None:
+    """AdamW steps ``steps`` on this rank's share of the global batches (mean loss over the rank's tokens),
+    gradient-clipped by moe_compile when ``case["clip"]``. One process: ``run`` is the whole model."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    W, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    for step in steps:
+        x, c = batch(step, case.get("H", 16))
+        sl = slice(rank * G // W, (rank + 1) * G // W)
+        opt.zero_grad(set_to_none=True)
+        (0.5 * ((run(x[sl]) - c[sl]) ** 2).sum(-1).mean()).backward()
+        if case.get("clip") is not None:
+            moe_compile.clip_grad_norm_(run, case["clip"])
+        opt.step()
+
+
+def reference(case: dict, steps):
+    """The single-process model and AdamW after ``steps`` on the whole global batches."""
+    torch.manual_seed(case.get("seed", 0))
+    ref = testing.toy_model({**case, "routing": "router", "capacity_factor": None})
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.01)
+    for step in steps:
+        x, c = batch(step, case.get("H", 16))
+        opt.zero_grad(set_to_none=True)
+        (0.5 * ((ref(x) - c) ** 2).sum(-1).mean()).backward()
+        if case.get("clip") is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), case["clip"])
+        opt.step()
+    return ref, opt
+
+
+def _rel_dicts(got: dict, want: dict) -> float:
+    assert set(got) == set(want), set(got) ^ set(want)
+    return max(testing.rel(full(got[n]).cpu(), want[n]) for n in want)
+
+
+def _optim_errors(osd: dict, ref, opt_ref) -> float:
+    """Largest difference between a DCP optimizer state dict (by FQN) and the single-process optimizer's."""
+    want = {n: opt_ref.state[p] for n, p in ref.named_parameters()}
+    assert set(osd["state"]) == set(want), set(osd["state"]) ^ set(want)
+    errs = {(n, k): testing.rel(torch.as_tensor(full(osd["state"][n][k])).cpu(), torch.as_tensor(v))
+            for n, st in want.items() for k, v in st.items()}
+    return max(errs.values())
+
+
+def model_and_optim(case: dict, seed: int):
+    """A parallelized, fully_shard'ed model (weights from ``seed``), its AdamW with moe_compile's optimizer hooks."""
+    ref, par, run, _ = build({**case, "seed": seed})
+    opt = moe_compile.optimizer_state_dict_hooks(par, torch.optim.AdamW(par.parameters(), lr=0.01,
+                                                                          weight_decay=0.01))
+    return par, run, opt
+
+
+def _float64(fn):
+    """``fn(case, ...)`` in float64 when ``case["float64"]`` (the state-dict checks then see no fp32 rounding of
+    AdamW's early steps)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(case, *args):
+        if not case.get("float64"):
+            return fn(case, *args)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return fn(case, *args)
+        finally:
+            torch.set_default_dtype(old)
+    return run
+
+
+@_float64
+def dcp_save(case: dict, path: str) -> dict:
+    """Train 2 steps at this world size; check torch's full model / optimizer state dicts against one process,
+    round-trip them into a freshly built model at the same world size (which then trains one more step equal to
+    one process), and save the sharded state dicts with ``dcp.save`` to ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    par, run, opt = model_and_optim(case, 0)
+    train_steps(par, run, opt, [0, 1], case)
+    ref, opt_ref = reference(case, [0, 1])
+    opts = StateDictOptions(full_state_dict=True)
+    msd, osd = get_model_state_dict(par, options=opts), get_optimizer_state_dict(par, opt, options=opts)
+    out = {"full_model": _rel_dicts(msd, ref.state_dict()), "full_optim": _optim_errors(osd, ref, opt_ref)}
+    # the same world size: full dicts into a model built from other weights
+    par2, run2, opt2 = model_and_optim(case, 7)
+    set_model_state_dict(par2, msd, options=opts)
+    # a copy: torch's Optimizer.load_state_dict keeps the dict's 0-d "step" tensors, which would then be shared
+    # with (and stepped by) the optimizer they came from
+    set_optimizer_state_dict(par2, opt2, copy.deepcopy(osd), options=opts)
+    train_steps(par2, run2, opt2, [2], case)
+    ref, opt_ref = reference(case, [0, 1, 2])
+    out["roundtrip_model"] = _rel_dicts(get_model_state_dict(par2, options=opts), ref.state_dict())
+    out["roundtrip_optim"] = _optim_errors(get_optimizer_state_dict(par2, opt2, options=opts), ref, opt_ref)
+    # sharded: every rank writes its own shards
+    dcp.save({"model": get_model_state_dict(par), "optim": get_optimizer_state_dict(par, opt)}, checkpoint_id=path)
+    return out
+
+
+@_float64
+def dcp_load(case: dict, path: str) -> dict:
+    """Load ``dcp_save``'s checkpoint (2 steps, saved at another world size) into a model built from other weights
+    at this world size (or, without a process group, the plain model); train one more step; compare with one
+    process after 3 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if dist.is_initialized():
+        par, run, opt = model_and_optim(case, 7)
+    else:
+        torch.manual_seed(7)
+        par = run = testing.toy_model({**case, "routing": "router", "capacity_factor": None})
+        opt = torch.optim.AdamW(par.parameters(), lr=0.01, weight_decay=0.01)
+    sd = {"model": get_model_state_dict(par), "optim": get_optimizer_state_dict(par, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(par, sd["model"])
+    set_optimizer_state_dict(par, opt, sd["optim"])
+    ref, opt_ref = reference(case, [0, 1])
+    opts = StateDictOptions(full_state_dict=True)
+    out = {"loaded_model": _rel_dicts(get_model_state_dict(par, options=opts), ref.state_dict()),
+           "loaded_optim": _optim_errors(get_optimizer_state_dict(par, opt, options=opts), ref, opt_ref)}
+    train_steps(par, run, opt, [2], case)
+    ref, opt_ref = reference(case, [0, 1, 2])
+    out["continued_model"] = _rel_dicts(get_model_state_dict(par, options=opts), ref.state_dict())
+    out["continued_optim"] = _optim_errors(get_optimizer_state_dict(par, opt, options=opts), ref, opt_ref)
+    return out

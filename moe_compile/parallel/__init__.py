@@ -22,6 +22,7 @@ from .checkpoint import (
     load_full_optim_state_dict,
     load_full_state_dict,
     load_sharded_state_dict,
+    optimizer_state_dict_hooks,
     sharded_state_dict,
 )
 from .clip import clip_grad_norm_, grad_norm
@@ -40,4 +41,5 @@ __all__ = [
     "load_full_state_dict", "full_optim_state_dict", "load_full_optim_state_dict", "sharded_state_dict",
     "load_sharded_state_dict", "ExpertParameter", "set_rates", "Rates", "NVLINK", "INFINIBAND", "ParallelError",
     "MODES", "PARALLEL_EXPERTS", "clip_grad_norm_", "grad_norm", "fsdp_ignored_params",
+    "optimizer_state_dict_hooks",
 ]

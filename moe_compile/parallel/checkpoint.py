@@ -6,10 +6,20 @@ import torch.distributed as dist
 from torch import nn
 
 from ..codegen import cpu
+from . import fsdp_grads
 from .comm import Comm
 from .layout import ParallelError
 from .state import SLOTS, ParallelState
 from .tags import device_of, parallel_modules, unwrapped
+
+def _local_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with this rank's expert shards as they are (no FSDP2 presentation, no collective)."""
+    _LOCAL_ONLY[0] += 1
+    try:
+        return dict(model.state_dict())
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
 
 def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -43,7 +53,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
     model = unwrapped(model)
     distributed = dist.is_available() and dist.is_initialized()
     keep = not rank0_only or not distributed or dist.get_rank() == 0
-    sd = dict(model.state_dict()) if keep else {}
+    sd = _local_state_dict(model) if keep else {}
     for path, m in parallel_modules(model):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
@@ -274,7 +284,7 @@ def sharded_state_dict(model: nn.Module) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     root = unwrapped(model)
-    sd = dict(root.state_dict())
+    sd = _local_state_dict(root)
     for path, m in parallel_modules(root):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
@@ -320,3 +330,160 @@ def load_sharded_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
                 out[pre + n] = v
     out.update(sd)
     return root.load_state_dict(out, strict=strict)
+
+
+# ------------------------------------------------------------- torch.distributed.checkpoint.state_dict under FSDP2
+# Under FSDP2 the dense entries of model.state_dict() are DTensors, which torch's get_/set_model_state_dict and
+# get_/set_optimizer_state_dict reshard. A stacked experts module presents its shards the same way there: DTensors
+# sharded along the experts dimension on the experts group (E >= W), or the whole tensors (E < W: hidden slices,
+# gathered, a collective); loading takes DTensors, whole tensors or this rank's own shards.
+_LOCAL_ONLY = [0]  # > 0 while this module's own functions read model.state_dict() (this rank's shards wanted)
+
+
+def presents_dtensors(st: ParallelState) -> bool:
+    """Whether the module's state dicts present DTensors / whole tensors: a stacked experts module that an FSDP2
+    module holds (``model.state_dict()`` elsewhere keeps this rank's shards, as documented for DDP)."""
+    return not _LOCAL_ONLY[0] and st.spec.stacked and fsdp_grads.held_by_fsdp(st)
+
+
+def _present(st: ParallelState, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local`` (local parameter name -> tensor shaped like that parameter: a weight or per-element optimizer
+    state) as the module's DCP entries, by the same names."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if st.layout.E >= st.W:
+        mesh = _ep_mesh(st)
+        return {n: DTensor.from_local(t.detach(), mesh, [Shard(0)], run_check=False) for n, t in local.items()}
+    return _full_from_local(st, [local[n] for n in st.local_names])
+
+
+def _take(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's local tensors from presented ``values`` (local name -> DTensor, whole tensor or local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    st = module._moe_parallel
+    out = {n: v.to_local() if isinstance(v, DTensor) else v for n, v in values.items()}
+    shapes = {n: tuple(module.get_parameter(n).shape) for n in out}
+    if all(tuple(v.shape) == shapes[n] for n, v in out.items()):
+        return out  # this rank's own shards (equal to the whole tensors where the two shapes agree)
+    whole = {n: out[n] for n in st.local_names}  # stacked: the local names are the unparallelized ones
+    return local_from_full(module, whole)
+
+
+def _model_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    st = module._moe_parallel
+    if not presents_dtensors(st):
+        return
+    local = {n: state_dict[prefix + n] for n in st.local_names if prefix + n in state_dict}
+    if len(local) == len(st.local_names):
+        for n, v in _present(st, local).items():
+            state_dict[prefix + n] = v
+
+
+def _model_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    st = module._moe_parallel
+    if not st.spec.stacked:
+        return
+    values = {n: state_dict[prefix + n] for n in st.local_names if prefix + n in state_dict}
+    if len(values) != len(st.local_names):
+        return  # missing keys: load_state_dict reports them
+    for n, v in _take(module, values).items():
+        state_dict[prefix + n] = v
+
+
+def install_state_dict_hooks(module: nn.Module) -> None:
+    """The hooks by which a sharded stacked experts module's ``state_dict()`` / ``load_state_dict()`` present
+    DTensors under FSDP2 and load DTensors, whole tensors or local shards (``parallelize`` installs them)."""
+    module.register_state_dict_post_hook(_model_post_hook)
+    module.register_load_state_dict_pre_hook(_model_load_pre_hook)
+
+
+def _optim_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _expert_owner_map(root: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    out = {}
+    for _, m in parallel_modules(root):
+        if m._moe_parallel.spec.stacked:
+            for n in m._moe_parallel.local_names:
+                out[id(m.get_parameter(n))] = (m, n)
+    return out
+
+
+def _optim_post_hook(root_ref, optimizer, state_dict):
+    root = root_ref()
+    if root is None:
+        return state_dict
+    owners = _expert_owner_map(root)
+    params = _optim_params(optimizer)
+    by_module: dict[int, tuple[nn.Module, dict[str, object]]] = {}
+    for idx, p in enumerate(params):
+        if id(p) in owners and idx in state_dict["state"]:
+            m, n = owners[id(p)]
+            by_module.setdefault(id(m), (m, {}))[1][n] = idx
+    for m, names in by_module.values():  # module order: the same on every rank (collectives when E < W)
+        st = m._moe_parallel
+        if not presents_dtensors(st) or len(names) != len(st.local_names):
+            continue
+        for i in names.values():  # Optimizer.state_dict() shares the inner dicts with optimizer.state: copies
+            state_dict["state"][i] = dict(state_dict["state"][i])
+        keys = sorted({k for i in names.values() for k in state_dict["state"][i]})
+        for k in keys:
+            local = {n: state_dict["state"][i].get(k) for n, i in names.items()}
+            if all(_is_elementwise(v, m.get_parameter(n)) for n, v in local.items()):
+                for n, v in _present(st, local).items():
+                    state_dict["state"][names[n]][k] = v
+    return state_dict
+
+
+def _optim_load_pre_hook(root_ref, optimizer, state_dict):
+    root = root_ref()
+    if root is None:
+        return state_dict
+    from torch.distributed.tensor import DTensor
+
+    owners = _expert_owner_map(root)
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = _optim_params(optimizer)
+    by_module: dict[int, tuple[nn.Module, dict[str, object]]] = {}
+    for key, p in zip(saved_ids, params):
+        if id(p) in owners and key in state_dict["state"]:
+            m, n = owners[id(p)]
+            by_module.setdefault(id(m), (m, {}))[1][n] = key
+    state = dict(state_dict["state"])
+    for m, names in by_module.values():
+        keys = sorted({k for i in names.values() for k in state[i]})
+        new = {i: dict(state[i]) for i in names.values()}
+        for k in keys:
+            vals = {n: state[i].get(k) for n, i in names.items()}
+            if any(not isinstance(v, torch.Tensor) or v.dim() == 0 for v in vals.values()):
+                continue
+            if len(names) != len(m._moe_parallel.local_names):
+                raise ParallelError(f"moe_compile: the optimizer state dict holds state for only some expert "
+                                    f"parameters of {m._moe_parallel.path}")
+            if not any(isinstance(v, DTensor) for v in vals.values()) and all(
+                    tuple(v.shape) == tuple(m.get_parameter(n).shape) for n, v in vals.items()):
+                continue
+            for n, v in _take(m, vals).items():
+                new[names[n]][k] = v
+        state.update(new)
+    return {**state_dict, "state": state}
+
+
+def optimizer_state_dict_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Register on ``optimizer`` (built on a parallelized, ``fully_shard``-ed ``model``'s parameters) the hooks
+    that let ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
+    reshard the per-element state of sharded stacked experts modules: ``optimizer.state_dict()`` presents it as
+    the model's state dict presents the weights (DTensors sharded along the experts dimension, or whole tensors
+    when ``E < W``), and ``optimizer.load_state_dict`` takes DTensors, whole tensors or this rank's shards.
+    Returns ``optimizer``. Without FSDP2 (DDP) the presented state is unchanged: use
+    :func:`full_optim_state_dict` there."""
+    import functools
+    import weakref
+
+    ref = weakref.ref(unwrapped(model))
+    optimizer.register_state_dict_post_hook(functools.partial(_optim_post_hook, ref))
+    optimizer.register_load_state_dict_pre_hook(functools.partial(_optim_load_pre_hook, ref))
+    return optimizer

@@ -55,21 +55,31 @@ def set_model(state, root: nn.Module, path: str) -> None:
     state._fsdp_path = path
 
 
+def _holders(state) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(the FSDP2 modules holding ``state``'s experts module, outermost first; the chain root -> module)."""
+    cls = _fsdp_module_class()
+    ref = getattr(state, "_fsdp_root", None)
+    root = ref() if ref is not None else None
+    if cls is None or root is None:
+        return [], []
+    try:
+        chain = _chain(root, state._fsdp_path)
+    except AttributeError:  # the model was restructured after parallelize: no FSDP module can be found
+        return [], []
+    return [m for m in chain if isinstance(m, cls)], chain
+
+
+def held_by_fsdp(state) -> bool:
+    """Whether an FSDP2 module holds ``state``'s experts module."""
+    return bool(_holders(state)[0])
+
+
 def grad_divisor(state) -> float | None:
     """The gradient divide factor of the innermost FSDP2 module holding ``state``'s experts module (its own
     parameter group's, else the next one out), or None when no FSDP2 module holds it. Raises
     ``ParallelError`` when FSDP2 manages the expert parameters themselves, or reduces over another number of
     ranks than the experts' mesh holds."""
-    cls = _fsdp_module_class()
-    ref = getattr(state, "_fsdp_root", None)
-    root = ref() if ref is not None else None
-    if cls is None or root is None:
-        return None
-    try:
-        chain = _chain(root, state._fsdp_path)
-    except AttributeError:  # the model was restructured after parallelize: no FSDP module can be found
-        return None
-    holders = [m for m in chain if isinstance(m, cls)]
+    holders, chain = _holders(state)
     if not holders:
         return None
     experts = chain[-1]
