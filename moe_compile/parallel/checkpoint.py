@@ -12,6 +12,9 @@ from .layout import ParallelError
 from .state import SLOTS, ParallelState
 from .tags import device_of, parallel_modules, unwrapped
 
+_LOCAL_ONLY = [0]  # > 0 while this module's own functions read model.state_dict() (this rank's shards wanted)
+
+
 def _local_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` with this rank's expert shards as they are (no FSDP2 presentation, no collective)."""
     _LOCAL_ONLY[0] += 1
@@ -19,6 +22,27 @@ def _local_state_dict(model: nn.Module) -> dict:
         return dict(model.state_dict())
     finally:
         _LOCAL_ONLY[0] -= 1
+
+
+def _whole(v):
+    """A ``DTensor``'s whole value (a collective over its mesh), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def _whole_dtensors(d: dict) -> dict:
+    return {k: _whole(v) for k, v in d.items()}
+
+
+def _like_param(v, p: torch.Tensor):
+    """A whole tensor ``v`` for parameter ``p``: ``p``'s local shard of it when ``p`` is a DTensor (FSDP2), cut
+    locally (no communication); anything else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return v
 
 
 def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | None = None
@@ -49,11 +73,14 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
     Experts modules are gathered one at a time, so besides the result a rank holds at most one module's whole
     weights at once. ``rank0_only=False``: every rank gets the whole dict. ``rank0_only=True``: global rank 0 gets
     it and every other rank gets ``{}`` (each experts group gathers to its member of lowest global rank, so on a
-    data x expert mesh the first rank of every replica gathers too, then drops it)."""
+    data x expert mesh the first rank of every replica gathers too, then drops it). Dense ``DTensor`` entries
+    (FSDP2's shards) are gathered whole too, on every rank (``full_tensor``)."""
     model = unwrapped(model)
     distributed = dist.is_available() and dist.is_initialized()
     keep = not rank0_only or not distributed or dist.get_rank() == 0
-    sd = _local_state_dict(model) if keep else {}
+    sd = _whole_dtensors(_local_state_dict(model))  # every rank: gathering a DTensor is a collective
+    if not keep:
+        sd = {}
     for path, m in parallel_modules(model):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
@@ -91,6 +118,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         full = {n: sd.pop(pre + n) for s in SLOTS for n in st.full_names[s]}
         for n, v in local_from_full(m, full).items():
             sd[pre + n] = v
+    params = dict(model.named_parameters())
+    sd = {k: _like_param(v, params[k]) if k in params else v for k, v in sd.items()}  # FSDP2: this rank's shard
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -150,7 +179,7 @@ def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
                 continue
             fqns.append(n)
             if p in optimizer.state and optimizer.state[p]:
-                state[n] = dict(optimizer.state[p])
+                state[n] = _whole_dtensors(optimizer.state[p])  # FSDP2's shards gathered (every rank)
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": fqns})
 
     for path, m in parallel_modules(root):  # the same order on every rank of a group
@@ -239,7 +268,8 @@ def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
                                     "is not in the model")
             v = local_state.get(n) if n in owners else full_state.get(n)
             if v is not None:  # copies: training must not write into the caller's dict (or its shared memory)
-                new_state[idx] = {k: t.clone() if isinstance(t, torch.Tensor) else t for k, t in v.items()}
+                new_state[idx] = {k: _like_param(t.clone(), p) if isinstance(t, torch.Tensor) else t
+                                  for k, t in v.items()}
         new_groups.append({**{k: v for k, v in fg.items() if k != "params"}, "params": list(ig["params"])})
     optimizer.load_state_dict({"state": new_state, "param_groups": new_groups})
 
@@ -337,9 +367,6 @@ def load_sharded_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
 # get_/set_optimizer_state_dict reshard. A stacked experts module presents its shards the same way there: DTensors
 # sharded along the experts dimension on the experts group (E >= W), or the whole tensors (E < W: hidden slices,
 # gathered, a collective); loading takes DTensors, whole tensors or this rank's own shards.
-_LOCAL_ONLY = [0]  # > 0 while this module's own functions read model.state_dict() (this rank's shards wanted)
-
-
 def presents_dtensors(st: ParallelState) -> bool:
     """Whether the module's state dicts present DTensors / whole tensors: a stacked experts module that an FSDP2
     module holds (``model.state_dict()`` elsewhere keeps this rank's shards, as documented for DDP)."""

@@ -9,7 +9,8 @@
 
 The experts op reads FSDP2's gradient divide factor (``fsdp_grads``) so expert gradients are scaled like the
 dense ones. For ``torch.distributed.checkpoint.state_dict`` (``get_model_state_dict`` / ``set_model_state_dict``
-and the optimizer's) the sharded experts are presented as ``DTensor``s, see ``fsdp_state_dict``.
+and, with ``checkpoint.optimizer_state_dict_hooks``, the optimizer's) stacked experts modules present their shards
+as ``DTensor``s (``checkpoint.install_state_dict_hooks``).
 """
 from __future__ import annotations
 
@@ -34,10 +35,8 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
         raise ParallelError(
             "moe_compile.fsdp_ignored_params: the model has no expert parameters tagged by moe_compile.parallelize. "
             "Fix: call moe_compile.parallelize(model, ...) first (before fully_shard)")
-    out: set[nn.Parameter] = set()
-    for m in root.modules():
-        for p in m.parameters(recurse=False):
-            if getattr(p, "_ddp_ignored", False) and getattr(p, "_moe_expert", False) or getattr(p, "_moe_remote",
-                                                                                                  False):
-                out.add(p)
-    return out
+    def ignored(p) -> bool:
+        sharded = getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False)
+        return sharded or getattr(p, "_moe_remote", False)  # a placeholder of another rank's expert
+
+    return {p for m in root.modules() for p in m.parameters(recurse=False) if ignored(p)}

@@ -63,7 +63,8 @@ def _router_capacity(found: Found, parents: dict[int, nn.Module]) -> float | Non
 def _set_param(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     owner_path, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
-    p = nn.Parameter(value.detach().contiguous(), requires_grad=requires_grad)
+    # a copy: the shard is often a view of the whole weights, whose storage it would otherwise keep alive
+    p = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
     setattr(owner, attr, p)
     if isinstance(owner, nn.Linear) and attr == "weight":
         owner.out_features, owner.in_features = p.shape
