@@ -274,7 +274,8 @@ def plain_ddp(start_weights, cfg, ckpt, batches, opts, device, rank, world) -> T
 
 def summarize(opts, world, ours, base, tokens_step, verdict, evals) -> dict:
     ours_tps = tokens_per_s(ours.seconds, tokens_step)
-    out = {"nproc": world, "mode": opts["mode"], "steps": len(ours.losses), "tokens_per_step": tokens_step,
+    out = {"nproc": world, "mode": opts["mode"], "fsdp": bool(opts.get("fsdp")), "steps": len(ours.losses),
+           "tokens_per_step": tokens_step,
            "first_loss": ours.losses[0], "last_loss": ours.losses[-1], "eval": evals,
            "tokens_per_s": {"moe_compile": ours_tps}, "step_seconds": {"moe_compile": ours.seconds}}
     fmt = lambda v: f"{v:,.0f}" if v else "n/a (too few steps)"  # noqa: E731
