@@ -55,6 +55,25 @@ def build(case: dict):
     return ref, par, run, mesh
 
 
+def _float64(fn):
+    """``fn(case, ...)`` in float64 when ``case["float64"]`` (the state-dict checks then see no fp32 rounding of
+    AdamW's early steps)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(case, *args):
+        if not case.get("float64"):
+            return fn(case, *args)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return fn(case, *args)
+        finally:
+            torch.set_default_dtype(old)
+    return run
+
+
+@_float64
 def fsdp_compare(case: dict) -> dict:
     """Run on every rank. ``case``: kind, E, H, F, k, layers, tokens (per rank), modes (one per step), seed, ep
     (experts group size; < W: a (W/ep) x ep mesh), fsdp_mesh ("world": fully_shard's default 1D mesh; "2d": the
@@ -62,7 +81,7 @@ def fsdp_compare(case: dict) -> dict:
     (None, "aot_eager", "inductor"), optim ("adamw" / "sgd"), lr, divide_factor (set_gradient_divide_factor on
     every FSDP module; the loss is then the per-rank mean times W / factor on the reference too), clip (max norm:
     moe_compile.clip_grad_norm_ on the model vs torch's on the reference), micro (micro-batches; all but the last
-    with set_requires_gradient_sync(False)).
+    with set_requires_gradient_sync(False)), float64 (everything in float64).
     Returns the largest relative differences (loss, dense_grad, expert_grad, weights, optim_state[, clip_norm])."""
     rank, W = dist.get_rank(), dist.get_world_size()
     T, H, micro = case["tokens"], case.get("H", 16), case.get("micro", 1)
@@ -192,24 +211,6 @@ def model_and_optim(case: dict, seed: int):
     return par, run, opt
 
 
-def _float64(fn):
-    """``fn(case, ...)`` in float64 when ``case["float64"]`` (the state-dict checks then see no fp32 rounding of
-    AdamW's early steps)."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(case, *args):
-        if not case.get("float64"):
-            return fn(case, *args)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            return fn(case, *args)
-        finally:
-            torch.set_default_dtype(old)
-    return run
-
-
 @_float64
 def dcp_save(case: dict, path: str) -> dict:
     """Train 2 steps at this world size; check torch's full model / optimizer state dicts against one process,
@@ -269,4 +270,29 @@ def dcp_load(case: dict, path: str) -> dict:
     ref, opt_ref = reference(case, [0, 1, 2])
     out["continued_model"] = _rel_dicts(get_model_state_dict(par, options=opts), ref.state_dict())
     out["continued_optim"] = _optim_errors(get_optimizer_state_dict(par, opt, options=opts), ref, opt_ref)
+    return out
+
+
+def list_checkpoints(case: dict, path: str) -> dict:
+    """An nn.ModuleList experts module under FSDP2: torch's DCP state-dict functions refuse it, naming the fix;
+    moe_compile.sharded_state_dict with dcp.save / dcp.load and load_sharded_state_dict round-trip it into a model
+    built from other weights; full_optim_state_dict / load_full_optim_state_dict the optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    par, run, opt = model_and_optim(case, 0)
+    train_steps(par, run, opt, [0], case)
+    out = {"model_refused": testing.catch(lambda: get_model_state_dict(par)),
+           "optim_refused": testing.catch(lambda: get_optimizer_state_dict(par, opt))}
+    dcp.save(api.sharded_state_dict(par), checkpoint_id=path)
+    osd = api.full_optim_state_dict(par, opt)
+    par2, run2, opt2 = model_and_optim(case, 7)
+    sd = api.sharded_state_dict(par2)
+    dcp.load(sd, checkpoint_id=path)
+    api.load_sharded_state_dict(par2, sd)
+    api.load_full_optim_state_dict(par2, opt2, osd)
+    train_steps(par, run, opt, [1], case)
+    train_steps(par2, run2, opt2, [1], case)
+    want, got = api.full_state_dict(par), api.full_state_dict(par2)
+    out["weights"] = max(testing.rel(got[n], v) for n, v in want.items())
     return out

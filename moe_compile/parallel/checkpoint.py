@@ -256,7 +256,11 @@ def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
                     per[n][k] = v.clone() if isinstance(v, torch.Tensor) else v
         for n, v in per.items():
             local_state[pre + n] = v
-    indexed = optimizer.state_dict()["param_groups"]
+    _LOCAL_ONLY[0] += 1  # only the parameter indices are read: no presentation by optimizer_state_dict_hooks
+    try:
+        indexed = optimizer.state_dict()["param_groups"]
+    finally:
+        _LOCAL_ONLY[0] -= 1
     new_state, new_groups = {}, []
     for g, ig, fg in zip(optimizer.param_groups, indexed, osd["param_groups"]):
         for idx, p in zip(ig["params"], g["params"]):
@@ -419,9 +423,30 @@ def _model_load_pre_hook(module, state_dict, prefix, local_metadata, strict, mis
         state_dict[prefix + n] = v
 
 
+def _unpresentable(st: ParallelState) -> ParallelError:
+    return ParallelError(
+        f"moe_compile: {st.path} holds its experts as an nn.ModuleList sharded by parallelize (each rank keeps its "
+        "own experts under its own names), which torch.distributed.checkpoint.state_dict cannot reshard: under "
+        "FSDP2 its state_dict() would hold this rank's experts under names that mean other experts on other ranks. "
+        "Fix: checkpoint with moe_compile.sharded_state_dict(model) and dcp.save, load with dcp.load and "
+        "moe_compile.load_sharded_state_dict (or full_state_dict / load_full_state_dict), and the optimizer with "
+        "full_optim_state_dict / load_full_optim_state_dict")
+
+
+def _list_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    st = module._moe_parallel
+    if not _LOCAL_ONLY[0] and fsdp_grads.held_by_fsdp(st):
+        raise _unpresentable(st)
+
+
 def install_state_dict_hooks(module: nn.Module) -> None:
     """The hooks by which a sharded stacked experts module's ``state_dict()`` / ``load_state_dict()`` present
-    DTensors under FSDP2 and load DTensors, whole tensors or local shards (``parallelize`` installs them)."""
+    DTensors under FSDP2 and load DTensors, whole tensors or local shards; for an ``nn.ModuleList`` of experts
+    (or an inline block's list), one that refuses ``state_dict()`` under FSDP2, naming moe_compile's checkpoint
+    functions (``parallelize`` installs them)."""
+    if not module._moe_parallel.spec.stacked:
+        module.register_state_dict_post_hook(_list_post_hook)
+        return
     module.register_state_dict_post_hook(_model_post_hook)
     module.register_load_state_dict_pre_hook(_model_load_pre_hook)
 
@@ -441,8 +466,11 @@ def _expert_owner_map(root: nn.Module) -> dict[int, tuple[nn.Module, str]]:
 
 def _optim_post_hook(root_ref, optimizer, state_dict):
     root = root_ref()
-    if root is None:
+    if root is None or _LOCAL_ONLY[0]:
         return state_dict
+    for _, m in parallel_modules(root):
+        if not m._moe_parallel.spec.stacked and fsdp_grads.held_by_fsdp(m._moe_parallel):
+            raise _unpresentable(m._moe_parallel)
     owners = _expert_owner_map(root)
     params = _optim_params(optimizer)
     by_module: dict[int, tuple[nn.Module, dict[str, object]]] = {}

@@ -290,8 +290,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
         fsdp_grads.set_model(f.module._moe_parallel, root, f.path)
-        if f.module._moe_parallel.spec.stacked:
-            install_state_dict_hooks(f.module)  # DTensors for torch.distributed.checkpoint.state_dict under FSDP2
+        install_state_dict_hooks(f.module)  # DTensors for torch.distributed.checkpoint.state_dict under FSDP2
         f.module._moe_parallel.layout_choice = choice
         if rates is not None:
             f.module._moe_parallel.rates, f.module._moe_parallel.rates_fixed = rates, True
