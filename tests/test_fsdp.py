@@ -6,6 +6,8 @@ gathered), every expert gradient (this rank's shard of the single-process one), 
 after each of 3 steps. Functions prefixed ``_w_`` run inside the gloo workers (``parallel_harness``)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -132,6 +134,7 @@ def _w_mistakes():
     model = mp_.parallelize(testing.ToyMoE("stacked", E=4), mode="expert")
     shapes = [tuple(p.shape) for p in moe_compile.fsdp_ignored_params(model)]
     out["ignored"] = sorted(shapes)
+    out["copy"] = testing.catch(lambda: moe_compile.fsdp_ignored_params(copy.deepcopy(model)))
     for b in model.blocks:
         fully_shard(b)  # no ignored_params: FSDP2 takes the expert shards too
     fully_shard(model)
@@ -143,6 +146,7 @@ def test_mistakes_are_errors(pool2):
     for r in pool2.run(_w_mistakes):
         assert "fully_shard was already applied" in r["before"] and "parallelize(model) first" in r["before"], r
         assert "no expert parameters tagged" in r["untagged"], r
+        assert "is a copy (copy.deepcopy) of a parallelized model" in r["copy"], r
         assert r["ignored"] == [(2, 16, 8), (2, 16, 8), (2, 16, 16), (2, 16, 16)], r  # 2 of 4 experts, 2 blocks
         assert "fully_shard manages the sharded expert parameter" in r["sharded_experts"], r
         assert "ignored_params=moe_compile.fsdp_ignored_params(model)" in r["sharded_experts"], r

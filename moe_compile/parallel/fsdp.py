@@ -35,6 +35,16 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
         raise ParallelError(
             "moe_compile.fsdp_ignored_params: the model has no expert parameters tagged by moe_compile.parallelize. "
             "Fix: call moe_compile.parallelize(model, ...) first (before fully_shard)")
+    for st in states:
+        ref = getattr(st, "_fsdp_root", None)
+        if ref is not None and ref() is not root:
+            raise ParallelError(
+                f"moe_compile.fsdp_ignored_params: the experts module {st.path} belongs to another model: this one "
+                "is a copy (copy.deepcopy) of a parallelized model, and its experts share the original's parallel "
+                "state, which finds the FSDP2 modules (and their gradient divide factor) through the original. "
+                "Fix: fully_shard the model moe_compile.parallelize was called on (copy the model before "
+                "parallelize, and parallelize the copy)")
+
     def ignored(p) -> bool:
         sharded = getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False)
         return sharded or getattr(p, "_moe_remote", False)  # a placeholder of another rank's expert
