@@ -32,11 +32,13 @@ install_capture()
 from .explain import explain  # noqa: E402
 from . import parallel  # noqa: E402  (registers moe_compile::parallel_experts)
 from .parallel import (  # noqa: E402
-    clip_grad_norm_, full_optim_state_dict, full_state_dict, get_parallel, grad_norm, is_expert_param,
-    load_full_optim_state_dict, load_full_state_dict, load_sharded_state_dict, parallel_report, parallelize,
+    clip_grad_norm_, fsdp_ignored_params, full_optim_state_dict, full_state_dict, get_parallel, grad_norm, is_expert_param,
+    load_full_optim_state_dict, load_full_state_dict, load_sharded_state_dict, optimizer_state_dict_hooks, parallel_report,
+    parallelize,
     set_parallel, sharded_state_dict,
 )
 
 __all__ += ["parallel", "parallelize", "set_parallel", "get_parallel", "is_expert_param", "parallel_report",
             "full_state_dict", "load_full_state_dict", "full_optim_state_dict", "load_full_optim_state_dict",
-            "sharded_state_dict", "load_sharded_state_dict", "clip_grad_norm_", "grad_norm"]
+            "sharded_state_dict", "load_sharded_state_dict", "clip_grad_norm_", "grad_norm", "fsdp_ignored_params",
+            "optimizer_state_dict_hooks"]

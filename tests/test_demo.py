@@ -81,6 +81,26 @@ def test_demo_runs_then_resumes_at_another_world_size(tmp_path):
     assert [s for s, _ in ckpt["history"]["train"]] == list(range(10))
 
 
+@pytest.mark.slow
+def test_demo_fsdp_then_resumes_on_one_process(tmp_path):
+    """--fsdp: FSDP2 for the dense weights, the experts sharded by parallelize; the float64 one-step check passes,
+    and the checkpoint (whole tensors, unparallelized names) resumes on one process under FSDP2 too."""
+    out = str(tmp_path / "out")
+    text = demo("--fsdp", "--steps", "4", "--nproc", "2", "--out", out, "--mode", "expert", "--baseline",
+                "none").stdout
+    assert "parallelize + FSDP2" in text and "PASS" in text and "FAIL" not in text, text[-5000:]
+    assert "2 of 4 experts per rank" in text, text[-5000:]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert type(ckpt["model"]["tok.weight"]) is torch.Tensor  # gathered whole, not FSDP2's DTensor shard
+    assert ckpt["model"]["blocks.0.moe.experts.gate_up"].shape[0] == 4
+    s1 = json.load(open(os.path.join(out, "summary.json")))
+    assert s1["fsdp"] and s1["check"]["passed"]
+    text = demo("--fsdp", "--steps", "2", "--nproc", "1", "--resume", "--out", out, "--baseline", "none").stdout
+    assert "resumed from" in text and "PASS" in text and "FAIL" not in text, text[-5000:]
+    s2 = json.load(open(os.path.join(out, "summary.json")))
+    assert s2["nproc"] == 1 and s2["check"]["step"] == 4 and s2["first_loss"] < s1["first_loss"]
+
+
 def test_demo_rejects_bad_arguments_with_the_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     junk = tmp_path / "junk"

@@ -46,6 +46,7 @@ class Verdict:
     params_rel: float  # every parameter after the optimizer step, relative to its tensor's largest magnitude
     worst_param: str
     tolerance: float = TOLERANCE
+    wrapper: str = "DDP"  # or "FSDP2" (--fsdp)
 
     @property
     def passed(self) -> bool:
@@ -56,7 +57,8 @@ class Verdict:
 
     def describe(self, world: int) -> str:
         norm = "" if self.norm_rel is None else f", gradient norm {self.norm_rel:.1e}"
-        return (f"equivalence check (step {self.step}, float64): {world} rank(s) (parallelize + DDP + backend=\"moe\" "
+        return (f"equivalence check (step {self.step}, float64): {world} rank(s) (parallelize + {self.wrapper} + "
+                f"backend=\"moe\" "
                 f"+ clip + AdamW) vs one process on the global batch (eager, unparallelized): loss {self.loss:.6f} vs "
                 f"{self.loss_ref:.6f}; largest relative difference: loss {self.loss_rel:.1e}{norm}, parameters "
                 f"after the step {self.params_rel:.1e} ({self.worst_param}): "
@@ -80,7 +82,7 @@ def step_check(model, make_optimizer, opts: dict, ckpt: dict | None, batches, st
     ref = copy.deepcopy(par) if rank == 0 else None
     x, y = (t.to(device) for t in batches.rank_batch(step, rank, world))
     moe_compile.parallelize(par, mode=opts["mode"], tokens_per_call=x.numel())  # the run's layout choice
-    run = torch.compile(DistributedDataParallel(par), backend="moe", options={"compiler": "eager"})
+    run = torch.compile(wrap(par, opts.get("fsdp", False)), backend="moe", options={"compiler": "eager"})
     opt = make_optimizer(par.parameters(), opts)
     if ckpt:
         moe_compile.load_full_optim_state_dict(par, opt, ckpt["optim"])  # cast to float64 by the optimizer
@@ -103,11 +105,26 @@ def step_check(model, make_optimizer, opts: dict, ckpt: dict | None, batches, st
             if d > worst:
                 worst, worst_name = d, name
         norm_rel = None if norm is None else rel(norm, ref_norm)
-        verdict = Verdict(step, float(mean), float(ref_loss), rel(mean, ref_loss), norm_rel, worst, worst_name)
+        verdict = Verdict(step, float(mean), float(ref_loss), rel(mean, ref_loss), norm_rel, worst, worst_name,
+                          wrapper="FSDP2" if opts.get("fsdp") else "DDP")
     dist.barrier()
     del run, par, opt, ref
     torch._dynamo.reset()  # drop the check's graphs before the run compiles its own
     return verdict
+
+
+def wrap(model, fsdp: bool):
+    """``DistributedDataParallel(model)``, or with ``fsdp`` FSDP2: ``fully_shard`` on every block, then on the
+    model, the expert shards left to ``parallelize`` (``moe_compile.fsdp_ignored_params``). ``model`` is
+    parallelized already."""
+    if not fsdp:
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = moe_compile.fsdp_ignored_params(model)
+    for block in model.blocks:
+        fully_shard(block, ignored_params=ignored)
+    return fully_shard(model, ignored_params=ignored)
 
 
 @contextlib.contextmanager

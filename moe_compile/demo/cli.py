@@ -28,6 +28,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default steps/10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fsdp", action="store_true",
+                    help="FSDP2 (fully_shard on every block and the model) for the dense weights instead of DDP; "
+                         "the experts stay sharded by parallelize")
 
 
 def fail(msg: str) -> None:
@@ -72,7 +75,7 @@ def check_arguments(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     return {"steps": args.steps, "nproc": args.nproc, "out": args.out, "resume": args.resume,
             "checkpoint": checkpoint, "max_norm": args.max_norm, "mode": args.mode, "device": device,
-            "baseline": args.baseline, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "baseline": args.baseline, "batch": args.batch, "lr": args.lr, "seed": args.seed, "fsdp": args.fsdp,
             "eval_every": args.eval_every or max(1, args.steps // 10)}
 
 

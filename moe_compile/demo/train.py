@@ -242,8 +242,9 @@ def run_worker(rank: int, world: int, device: torch.device, opts: dict) -> None:
 def moe_compile_setup(model, cfg, ckpt, batches, opts, device, rank, world) -> Trainer:
     # 1. shard the experts over the ranks (before DDP); auto costs its layout for this rank's tokens per step
     moe_compile.parallelize(model, mode=opts["mode"], tokens_per_call=batches.global_batch // world * cfg.seq)
-    ddp = DistributedDataParallel(model)  # 2. DDP all-reduces the dense weights only
-    run = torch.compile(ddp, backend="moe")  # 3. compile the DDP model with the moe backend
+    # 2. DDP all-reduces the dense weights only; or (--fsdp) FSDP2 shards them, leaving the expert shards alone
+    wrapped = check.wrap(model, opts.get("fsdp", False))
+    run = torch.compile(wrapped, backend="moe")  # 3. compile the DDP / FSDP2 model with the moe backend
     opt = make_optimizer(model.parameters(), opts)  # 4. the optimizer on this rank's shards
     if ckpt:
         moe_compile.load_full_optim_state_dict(model, opt, ckpt["optim"])
@@ -273,14 +274,16 @@ def plain_ddp(start_weights, cfg, ckpt, batches, opts, device, rank, world) -> T
 
 def summarize(opts, world, ours, base, tokens_step, verdict, evals) -> dict:
     ours_tps = tokens_per_s(ours.seconds, tokens_step)
-    out = {"nproc": world, "mode": opts["mode"], "steps": len(ours.losses), "tokens_per_step": tokens_step,
+    out = {"nproc": world, "mode": opts["mode"], "fsdp": bool(opts.get("fsdp")), "steps": len(ours.losses),
+           "tokens_per_step": tokens_step,
            "first_loss": ours.losses[0], "last_loss": ours.losses[-1], "eval": evals,
            "tokens_per_s": {"moe_compile": ours_tps}, "step_seconds": {"moe_compile": ours.seconds}}
     fmt = lambda v: f"{v:,.0f}" if v else "n/a (too few steps)"  # noqa: E731
     skip = warmup(len(ours.seconds))
     lines = [f"tokens/s ({world} rank(s) together; wall-clock of this run's steps after the first {skip} (compiles, "
              "warm-up); noisy on a busy machine):",
-             f"  moe_compile: parallelize (mode {opts['mode']}) + DDP + torch.compile(backend=\"moe\"): {fmt(ours_tps)}"]
+             f"  moe_compile: parallelize (mode {opts['mode']}) + {'FSDP2' if opts.get('fsdp') else 'DDP'} + "
+             f"torch.compile(backend=\"moe\"): {fmt(ours_tps)}"]
     if base is not None:
         base_tps = tokens_per_s(base.seconds, tokens_step)
         out["tokens_per_s"][f"plain_ddp_{opts['baseline']}"] = base_tps

@@ -6,10 +6,44 @@ import torch.distributed as dist
 from torch import nn
 
 from ..kernels.common import canonical_weights, weight_grads
+from . import fsdp_grads
 from .comm import Comm
 from .layout import ParallelError
 from .state import SLOTS, ParallelState
 from .tags import device_of, parallel_modules, unwrapped
+
+_LOCAL_ONLY = [0]  # > 0 while this module's own functions read model.state_dict() (this rank's shards wanted)
+
+
+def _local_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with this rank's expert shards as they are (no FSDP2 presentation, no collective)."""
+    _LOCAL_ONLY[0] += 1
+    try:
+        return dict(model.state_dict())
+    finally:
+        _LOCAL_ONLY[0] -= 1
+
+
+def _whole(v):
+    """A ``DTensor``'s whole value (a collective over its mesh), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def _whole_dtensors(d: dict) -> dict:
+    return {k: _whole(v) for k, v in d.items()}
+
+
+def _like_param(v, p: torch.Tensor):
+    """A whole tensor ``v`` for parameter ``p``: ``p``'s local shard of it when ``p`` is a DTensor (FSDP2), cut
+    locally (no communication); anything else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return v
+
 
 def _full_from_local(st: ParallelState, tensors: list[torch.Tensor], dst: int | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -39,11 +73,14 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, 
     Experts modules are gathered one at a time, so besides the result a rank holds at most one module's whole
     weights at once. ``rank0_only=False``: every rank gets the whole dict. ``rank0_only=True``: global rank 0 gets
     it and every other rank gets ``{}`` (each experts group gathers to its member of lowest global rank, so on a
-    data x expert mesh the first rank of every replica gathers too, then drops it)."""
+    data x expert mesh the first rank of every replica gathers too, then drops it). Dense ``DTensor`` entries
+    (FSDP2's shards) are gathered whole too, on every rank (``full_tensor``)."""
     model = unwrapped(model)
     distributed = dist.is_available() and dist.is_initialized()
     keep = not rank0_only or not distributed or dist.get_rank() == 0
-    sd = dict(model.state_dict()) if keep else {}
+    sd = _whole_dtensors(_local_state_dict(model))  # every rank: gathering a DTensor is a collective
+    if not keep:
+        sd = {}
     for path, m in parallel_modules(model):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
@@ -81,6 +118,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         full = {n: sd.pop(pre + n) for s in SLOTS for n in st.full_names[s]}
         for n, v in local_from_full(m, full).items():
             sd[pre + n] = v
+    params = dict(model.named_parameters())
+    sd = {k: _like_param(v, params[k]) if k in params else v for k, v in sd.items()}  # FSDP2: this rank's shard
     return model.load_state_dict(sd, strict=strict)
 
 
@@ -140,7 +179,7 @@ def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
                 continue
             fqns.append(n)
             if p in optimizer.state and optimizer.state[p]:
-                state[n] = dict(optimizer.state[p])
+                state[n] = _whole_dtensors(optimizer.state[p])  # FSDP2's shards gathered (every rank)
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": fqns})
 
     for path, m in parallel_modules(root):  # the same order on every rank of a group
@@ -217,7 +256,11 @@ def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
                     per[n][k] = v.clone() if isinstance(v, torch.Tensor) else v
         for n, v in per.items():
             local_state[pre + n] = v
-    indexed = optimizer.state_dict()["param_groups"]
+    _LOCAL_ONLY[0] += 1  # only the parameter indices are read: no presentation by optimizer_state_dict_hooks
+    try:
+        indexed = optimizer.state_dict()["param_groups"]
+    finally:
+        _LOCAL_ONLY[0] -= 1
     new_state, new_groups = {}, []
     for g, ig, fg in zip(optimizer.param_groups, indexed, osd["param_groups"]):
         for idx, p in zip(ig["params"], g["params"]):
@@ -229,7 +272,8 @@ def load_full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimize
                                     "is not in the model")
             v = local_state.get(n) if n in owners else full_state.get(n)
             if v is not None:  # copies: training must not write into the caller's dict (or its shared memory)
-                new_state[idx] = {k: t.clone() if isinstance(t, torch.Tensor) else t for k, t in v.items()}
+                new_state[idx] = {k: _like_param(t.clone(), p) if isinstance(t, torch.Tensor) else t
+                                  for k, t in v.items()}
         new_groups.append({**{k: v for k, v in fg.items() if k != "params"}, "params": list(ig["params"])})
     optimizer.load_state_dict({"state": new_state, "param_groups": new_groups})
 
@@ -274,7 +318,7 @@ def sharded_state_dict(model: nn.Module) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
     root = unwrapped(model)
-    sd = dict(root.state_dict())
+    sd = _local_state_dict(root)
     for path, m in parallel_modules(root):
         st = m._moe_parallel
         pre = f"{path}." if path else ""
@@ -320,3 +364,181 @@ def load_sharded_state_dict(model: nn.Module, state_dict: dict, strict: bool = T
                 out[pre + n] = v
     out.update(sd)
     return root.load_state_dict(out, strict=strict)
+
+
+# ------------------------------------------------------------- torch.distributed.checkpoint.state_dict under FSDP2
+# Under FSDP2 the dense entries of model.state_dict() are DTensors, which torch's get_/set_model_state_dict and
+# get_/set_optimizer_state_dict reshard. A stacked experts module presents its shards the same way there: DTensors
+# sharded along the experts dimension on the experts group (E >= W), or the whole tensors (E < W: hidden slices,
+# gathered, a collective); loading takes DTensors, whole tensors or this rank's own shards.
+def presents_dtensors(st: ParallelState) -> bool:
+    """Whether the module's state dicts present DTensors / whole tensors: a stacked experts module that an FSDP2
+    module holds (``model.state_dict()`` elsewhere keeps this rank's shards, as documented for DDP)."""
+    return not _LOCAL_ONLY[0] and st.spec.stacked and fsdp_grads.held_by_fsdp(st)
+
+
+def _present(st: ParallelState, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local`` (local parameter name -> tensor shaped like that parameter: a weight or per-element optimizer
+    state) as the module's DCP entries, by the same names."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if st.layout.E >= st.W:
+        mesh = _ep_mesh(st)
+        return {n: DTensor.from_local(t.detach(), mesh, [Shard(0)], run_check=False) for n, t in local.items()}
+    return _full_from_local(st, [local[n] for n in st.local_names])
+
+
+def _take(module: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's local tensors from presented ``values`` (local name -> DTensor, whole tensor or local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    st = module._moe_parallel
+    out = {n: v.to_local() if isinstance(v, DTensor) else v for n, v in values.items()}
+    shapes = {n: tuple(module.get_parameter(n).shape) for n in out}
+    if all(tuple(v.shape) == shapes[n] for n, v in out.items()):
+        return out  # this rank's own shards (equal to the whole tensors where the two shapes agree)
+    whole = {n: out[n] for n in st.local_names}  # stacked: the local names are the unparallelized ones
+    return local_from_full(module, whole)
+
+
+def _model_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    st = module._moe_parallel
+    if not presents_dtensors(st):
+        return
+    local = {n: state_dict[prefix + n] for n in st.local_names if prefix + n in state_dict}
+    if len(local) == len(st.local_names):
+        for n, v in _present(st, local).items():
+            state_dict[prefix + n] = v
+
+
+def _model_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    st = module._moe_parallel
+    if not st.spec.stacked:
+        return
+    values = {n: state_dict[prefix + n] for n in st.local_names if prefix + n in state_dict}
+    if len(values) != len(st.local_names):
+        return  # missing keys: load_state_dict reports them
+    for n, v in _take(module, values).items():
+        state_dict[prefix + n] = v
+
+
+def _unpresentable(st: ParallelState) -> ParallelError:
+    return ParallelError(
+        f"moe_compile: {st.path} holds its experts as an nn.ModuleList sharded by parallelize (each rank keeps its "
+        "own experts under its own names), which torch.distributed.checkpoint.state_dict cannot reshard: under "
+        "FSDP2 its state_dict() would hold this rank's experts under names that mean other experts on other ranks. "
+        "Fix: checkpoint with moe_compile.sharded_state_dict(model) and dcp.save, load with dcp.load and "
+        "moe_compile.load_sharded_state_dict (or full_state_dict / load_full_state_dict), and the optimizer with "
+        "full_optim_state_dict / load_full_optim_state_dict")
+
+
+def _list_post_hook(module, state_dict, prefix, local_metadata) -> None:
+    st = module._moe_parallel
+    if not _LOCAL_ONLY[0] and fsdp_grads.held_by_fsdp(st):
+        raise _unpresentable(st)
+
+
+def install_state_dict_hooks(module: nn.Module) -> None:
+    """The hooks by which a sharded stacked experts module's ``state_dict()`` / ``load_state_dict()`` present
+    DTensors under FSDP2 and load DTensors, whole tensors or local shards; for an ``nn.ModuleList`` of experts
+    (or an inline block's list), one that refuses ``state_dict()`` under FSDP2, naming moe_compile's checkpoint
+    functions (``parallelize`` installs them)."""
+    if not module._moe_parallel.spec.stacked:
+        module.register_state_dict_post_hook(_list_post_hook)
+        return
+    module.register_state_dict_post_hook(_model_post_hook)
+    module.register_load_state_dict_pre_hook(_model_load_pre_hook)
+
+
+def _optim_params(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _expert_owner_map(root: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    out = {}
+    for _, m in parallel_modules(root):
+        if m._moe_parallel.spec.stacked:
+            for n in m._moe_parallel.local_names:
+                out[id(m.get_parameter(n))] = (m, n)
+    return out
+
+
+def _optim_post_hook(root_ref, optimizer, state_dict):
+    root = root_ref()
+    if root is None or _LOCAL_ONLY[0]:
+        return state_dict
+    for _, m in parallel_modules(root):
+        if not m._moe_parallel.spec.stacked and fsdp_grads.held_by_fsdp(m._moe_parallel):
+            raise _unpresentable(m._moe_parallel)
+    owners = _expert_owner_map(root)
+    params = _optim_params(optimizer)
+    by_module: dict[int, tuple[nn.Module, dict[str, object]]] = {}
+    for idx, p in enumerate(params):
+        if id(p) in owners and idx in state_dict["state"]:
+            m, n = owners[id(p)]
+            by_module.setdefault(id(m), (m, {}))[1][n] = idx
+    for m, names in by_module.values():  # module order: the same on every rank (collectives when E < W)
+        st = m._moe_parallel
+        if not presents_dtensors(st) or len(names) != len(st.local_names):
+            continue
+        for i in names.values():  # Optimizer.state_dict() shares the inner dicts with optimizer.state: copies
+            state_dict["state"][i] = dict(state_dict["state"][i])
+        keys = sorted({k for i in names.values() for k in state_dict["state"][i]})
+        for k in keys:
+            local = {n: state_dict["state"][i].get(k) for n, i in names.items()}
+            if all(_is_elementwise(v, m.get_parameter(n)) for n, v in local.items()):
+                for n, v in _present(st, local).items():
+                    state_dict["state"][names[n]][k] = v
+    return state_dict
+
+
+def _optim_load_pre_hook(root_ref, optimizer, state_dict):
+    root = root_ref()
+    if root is None:
+        return state_dict
+    from torch.distributed.tensor import DTensor
+
+    owners = _expert_owner_map(root)
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = _optim_params(optimizer)
+    by_module: dict[int, tuple[nn.Module, dict[str, object]]] = {}
+    for key, p in zip(saved_ids, params):
+        if id(p) in owners and key in state_dict["state"]:
+            m, n = owners[id(p)]
+            by_module.setdefault(id(m), (m, {}))[1][n] = key
+    state = dict(state_dict["state"])
+    for m, names in by_module.values():
+        keys = sorted({k for i in names.values() for k in state[i]})
+        new = {i: dict(state[i]) for i in names.values()}
+        for k in keys:
+            vals = {n: state[i].get(k) for n, i in names.items()}
+            if any(not isinstance(v, torch.Tensor) or v.dim() == 0 for v in vals.values()):
+                continue
+            if len(names) != len(m._moe_parallel.local_names):
+                raise ParallelError(f"moe_compile: the optimizer state dict holds state for only some expert "
+                                    f"parameters of {m._moe_parallel.path}")
+            if not any(isinstance(v, DTensor) for v in vals.values()) and all(
+                    tuple(v.shape) == tuple(m.get_parameter(n).shape) for n, v in vals.items()):
+                continue
+            for n, v in _take(m, vals).items():
+                new[names[n]][k] = v
+        state.update(new)
+    return {**state_dict, "state": state}
+
+
+def optimizer_state_dict_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Register on ``optimizer`` (built on a parallelized, ``fully_shard``-ed ``model``'s parameters) the hooks
+    that let ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` / ``set_optimizer_state_dict``
+    reshard the per-element state of sharded stacked experts modules: ``optimizer.state_dict()`` presents it as
+    the model's state dict presents the weights (DTensors sharded along the experts dimension, or whole tensors
+    when ``E < W``), and ``optimizer.load_state_dict`` takes DTensors, whole tensors or this rank's shards.
+    Returns ``optimizer``. Without FSDP2 (DDP) the presented state is unchanged: use
+    :func:`full_optim_state_dict` there."""
+    import functools
+    import weakref
+
+    ref = weakref.ref(unwrapped(model))
+    optimizer.register_state_dict_post_hook(functools.partial(_optim_post_hook, ref))
+    optimizer.register_load_state_dict_pre_hook(functools.partial(_optim_load_pre_hook, ref))
+    return optimizer

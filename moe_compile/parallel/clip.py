@@ -27,6 +27,7 @@ from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from .comm import Comm
 from .layout import ParallelError
@@ -106,6 +107,32 @@ def _counted(st: ParallelState | None, slot: str | None, first_in_mesh: bool) ->
     return True
 
 
+def _counted_grad(g: Tensor, st: ParallelState | None, slot: str | None, first_in_mesh: bool) -> Tensor | None:
+    """The part of ``g`` this rank counts, or None. A ``DTensor`` gradient (a dense parameter sharded by FSDP2)
+    counts its local shard on the first rank of every dimension it is replicated over (HSDP's replicas), so each
+    element once over its mesh; its mesh is the experts' mesh (``fsdp_grads`` checks the sizes)."""
+    if isinstance(g, DTensor):
+        if any(pl.is_partial() for pl in g.placements):
+            raise ParallelError(f"{_WHO}: a gradient is a DTensor with a Partial placement (not yet reduced); "
+                                "clip after the backward has finished")
+        coord = g.device_mesh.get_coordinate() or []
+        first = all(c == 0 for c, pl in zip(coord, g.placements) if pl.is_replicate())
+        return g.to_local() if first else None
+    return g if _counted(st, slot, first_in_mesh) else None
+
+
+def _clip_with_norm(params: list[Tensor], max_norm: float, total: Tensor, foreach: bool | None) -> None:
+    """``torch.nn.utils.clip_grads_with_norm_`` on plain gradients and on each DTensor mesh's separately (torch's
+    foreach kernels take no mix of the two)."""
+    groups: dict[object, list[Tensor]] = {}
+    for p in params:
+        g = p.grad
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(p)
+    for key, ps in groups.items():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total if key is None else total.detach().clone(), foreach)
+
+
 def _combine(values: Tensor, p: float) -> Tensor:
     """The total of per-rank pieces (each ``norm ** p``, or a max norm for ``inf``), in rank order."""
     return values.max() if math.isinf(p) else values.sum()
@@ -151,7 +178,8 @@ def _total_norm(entries, norm_type: float, error_if_nonfinite: bool, foreach: bo
                             "positive p or inf")
     ep, dp = _groups(states)
     first_in_mesh = ep.rank == 0 and (dp is None or dp.rank == 0)
-    counted = [q.grad for q, st, slot in entries if q.grad is not None and _counted(st, slot, first_in_mesh)]
+    counted = [g for g in (_counted_grad(q.grad, st, slot, first_in_mesh) for q, st, slot in entries
+                           if q.grad is not None) if g is not None]
     local = torch.nn.utils.get_total_norm(counted, p, False, foreach).double() if counted \
         else torch.zeros((), dtype=torch.float64)
     piece = local if math.isinf(p) else local ** p
@@ -191,5 +219,9 @@ def clip_grad_norm_(model_or_parameters: Parameters, max_norm: float, norm_type:
     """
     entries = _entries(model_or_parameters)
     total = _total_norm(entries, norm_type, error_if_nonfinite, foreach)
-    torch.nn.utils.clip_grads_with_norm_([p for p, _, _ in entries], max_norm, total, foreach)
+    with_grad = [p for p, _, _ in entries if p.grad is not None]
+    if any(isinstance(p.grad, DTensor) for p in with_grad):
+        _clip_with_norm(with_grad, max_norm, total, foreach)
+    else:
+        torch.nn.utils.clip_grads_with_norm_([p for p, _, _ in entries], max_norm, total, foreach)
     return total

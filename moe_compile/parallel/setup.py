@@ -14,7 +14,8 @@ from .. import scope
 from ..capture import run_own_code
 from ..kernels.common import canonical_weights, weight_grads
 from ..passes.autocast import eager_mode, with_autocast
-from . import cost, op
+from . import cost, fsdp_grads, op
+from .checkpoint import install_state_dict_hooks
 from .comm import AllToAll, Comm, Traffic
 from .find import Found, expert_list, find_experts
 from .layout import Layout, ParallelError, check_sizes
@@ -64,7 +65,8 @@ def _router_capacity(found: Found, parents: dict[int, nn.Module]) -> float | Non
 def _set_param(module: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     owner_path, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
-    p = nn.Parameter(value.detach().contiguous(), requires_grad=requires_grad)
+    # a copy: the shard is often a view of the whole weights, whose storage it would otherwise keep alive
+    p = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format), requires_grad=requires_grad)
     setattr(owner, attr, p)
     if isinstance(owner, nn.Linear) and attr == "weight":
         owner.out_features, owner.in_features = p.shape
@@ -179,6 +181,12 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         dp_group, DP = None, 1  # experts not sharded: DDP all-reduces them like any weight; or no replicas
 
     errors: list[str] = []
+    sharded_by_fsdp = fsdp_grads.fsdp_modules_in(root)
+    if sharded_by_fsdp:
+        errors.append(
+            f"fully_shard was already applied to {['<model>' if not p else p for p in sharded_by_fsdp][:4]}: FSDP2 "
+            "has sharded every parameter, experts included. Fix: call moe_compile.parallelize(model) first, then "
+            "fully_shard(block, ignored_params=moe_compile.fsdp_ignored_params(model)) on the blocks and the model")
     if mode not in MODES:
         errors.append(f"unknown parallel mode {mode!r}; known: {MODES}")
     if tokens_per_call is not None and (not isinstance(tokens_per_call, int) or isinstance(tokens_per_call, bool)
@@ -283,6 +291,8 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         cf = capacity_factor if capacity_factor is not None else _router_capacity(f, parents)
         names = _shard_module(f, group, granks, rank, W, L, intra, inter, mode, cf, rkey, dp_group)
         ignore += [f"{f.path}.{n}" if f.path else n for n in names]
+        fsdp_grads.set_model(f.module._moe_parallel, root, f.path)
+        install_state_dict_hooks(f.module)  # DTensors for torch.distributed.checkpoint.state_dict under FSDP2
         f.module._moe_parallel.layout_choice = choice
         if rates is not None:
             f.module._moe_parallel.rates, f.module._moe_parallel.rates_fixed = rates, True

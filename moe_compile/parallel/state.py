@@ -6,7 +6,8 @@ The custom op (``parallel.op``) looks the state up by key at run time and calls 
 Gradient convention: an expert parameter's gradient is the SUM over ranks of each rank's contribution (the
 gradient of the sum of the ranks' losses), times ``grad_scale`` (1 by default). Inside a DistributedDataParallel
 forward it is the MEAN over ranks instead (the sum divided by ``W``), as DDP averages the dense gradients: a step
-on ``W`` ranks is then the single-process step on the global batch with the ranks' losses averaged. With a replica
+on ``W`` ranks is then the single-process step on the global batch with the ranks' losses averaged (inside an
+FSDP2 ``fully_shard`` module: the sum divided by FSDP2's gradient divide factor, as its dense gradients are). With a replica
 group (data x expert mesh, ``dp``) "ranks" means all ``W * DP`` ranks of the mesh: the backward sums each call's
 contribution over the replicas too (inside the op, on every backward: linear, so gradient accumulation with or
 without ``no_sync`` neither skips nor double-counts it).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +31,7 @@ from .. import kernels
 from ..kernels.common import Weights, canonical_weights, weight_grads
 from ..ops.parallel import register_state, state_for  # noqa: F401  (state_for: re-exported)
 from ..spec import MoESpec
-from . import cost, dispatch
+from . import cost, dispatch, fsdp_grads
 from .comm import AllToAll, Comm, Traffic, transpose
 from .layout import Layout, ParallelError
 
@@ -216,9 +218,11 @@ class ParallelState:
 
     def _begin(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         """Gather every rank's token count and routing counts (one small all-gather), pick the mode, and return
-        the call's record: ``[mode, capacity, DDP-averaged, hierarchical, tokens (W), counts (W x E)]``."""
+        the call's record: ``[mode, capacity, gradient divisor, hierarchical, tokens (W), counts (W x E)]``; the
+        divisor (float64 bits): ``W * DP`` inside a DDP forward, the gradient divide factor of the FSDP2 module
+        holding this one (``fsdp_grads``), else 1."""
         lay, W, E = self.layout, self.W, self.layout.E
-        averaged = self._ddp() is not None
+        divisor = float(W * self.DP) if self._ddp() is not None else (fsdp_grads.grad_divisor(self) or 1.0)
         why = self._check(x, idx, w)
         mine = torch.zeros(E + 2, dtype=torch.long, device=x.device)
         if why is None:
@@ -250,7 +254,8 @@ class ParallelState:
         self.stats.last_mode = mode
         self.stats.capacity = cap
         self.stats.last_hierarchical = hier and mode != "data"
-        rec = torch.tensor([_CODE[mode], -1 if cap is None else cap, int(averaged), int(hier)] + tokens
+        bits = struct.unpack("<q", struct.pack("<d", divisor))[0]
+        rec = torch.tensor([_CODE[mode], -1 if cap is None else cap, bits, int(hier)] + tokens
                            + [c for row in C for c in row], dtype=torch.long)
         return rec.to(x.device)
 
@@ -265,9 +270,10 @@ class ParallelState:
     def _decode(self, rec: Tensor):
         W, E = self.W, self.layout.E
         vals = rec.tolist()
-        mode, cap, averaged, hier = _NAME[vals[0]], (None if vals[1] < 0 else vals[1]), bool(vals[2]), bool(vals[3])
+        mode, cap, hier = _NAME[vals[0]], (None if vals[1] < 0 else vals[1]), bool(vals[3])
+        divisor = struct.unpack("<d", struct.pack("<q", vals[2]))[0]
         C = [vals[4 + W + r * E: 4 + W + (r + 1) * E] for r in range(W)]
-        return mode, cap, averaged, (self.a2a if hier else self.flat_a2a), C
+        return mode, cap, divisor, (self.a2a if hier else self.flat_a2a), C
 
     def _exchange(self, a2a: AllToAll, cols: list[Tensor], counts: list[list[int]]) -> list[Tensor]:
         """All-to-all of several row-aligned 2D tensors: one exchange per dtype (columns concatenated)."""
@@ -308,7 +314,7 @@ class ParallelState:
 
     # ------------------------------------------------------------------------------------------- backward
     def backward(self, grad: Tensor, x: Tensor, idx: Tensor, w: Tensor, params: list[Tensor], rec: Tensor):
-        mode, cap, averaged, a2a, C = self._decode(rec)
+        mode, cap, divisor, a2a, C = self._decode(rec)
         lists = self._lists(params)
         local = canonical_weights(self.local_spec, *lists)
         spec = self._compute_spec(mode)
@@ -340,7 +346,7 @@ class ParallelState:
             dw = dw.view(w.shape)
         d = self._local_grads(mode, d)
         grads = weight_grads(self.local_spec, d, *lists)
-        s = self.grad_scale / (self.W * self.DP if averaged else 1)
+        s = self.grad_scale / divisor
         flat = [g.mul(s) for gs_ in grads for g in gs_]  # fresh tensors (never views of one buffer)
         if self.dp is not None:  # sum this backward's contribution over the replicas of the shard
             total = self.dp.all_reduce(torch.cat([g.reshape(-1) for g in flat]))
