@@ -378,14 +378,16 @@ def rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
 def compare(case: dict) -> dict:
     """Run on every rank of a pool. ``case``: kind, E, H, F, k, layers, routing, capacity_factor, tokens (per
     rank), modes (one per step; the first is passed to parallelize), lr, seed, compile (None, "aot_eager",
-    "inductor"), local_world_size. Returns {quantity: largest relative difference} plus facts for the tests."""
+    "inductor"), local_world_size, device and dtype (default cpu, "float32"). Returns {quantity: largest relative difference} plus facts for the tests."""
     from moe_compile import parallel as api
 
     rank, W = dist.get_rank(), dist.get_world_size()
     tokens = case["tokens"]
     assert len(tokens) == W, (tokens, W)
     torch.manual_seed(case.get("seed", 0))
-    model = toy_model(case)
+    # "device" / "dtype" (benchmarks/gpu_check.py: every rank on one GPU, gloo): the model and the data go there
+    device, dtype = torch.device(case.get("device", "cpu")), getattr(torch, case.get("dtype", "float32"))
+    model = toy_model(case).to(device=device, dtype=dtype)
     ref = copy.deepcopy(model)
     par = api.parallelize(copy.deepcopy(model), mode=case["modes"][0],
                           local_world_size=case.get("local_world_size"))
@@ -414,8 +416,8 @@ def compare(case: dict) -> dict:
         api.set_parallel(par, mode)
         facts["per_step"].append({"mode": mode})
         g = torch.Generator().manual_seed(1000 * case.get("seed", 0) + step)
-        x_all = torch.randn(sum(tokens), H, generator=g)
-        c_all = torch.randn(sum(tokens), H, generator=g)
+        x_all = torch.randn(sum(tokens), H, generator=g).to(device=device, dtype=dtype)
+        c_all = torch.randn(sum(tokens), H, generator=g).to(device=device, dtype=dtype)
         # the single-process model on every rank's tokens; loss = sum of the ranks' (squared error) losses.
         # A capacity router decides per batch, so then the reference sees each rank's batch separately.
         opt_ref.zero_grad(set_to_none=True)

@@ -49,11 +49,17 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.ranks = dist.get_process_group_ranks(group)
         self.traffic = traffic if traffic is not None else Traffic()
+        self.host_copy = dist.get_backend(group) == "gloo"
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        return self.host_copy and t.device.type != "cpu"
 
     def all_gather(self, flat: torch.Tensor) -> torch.Tensor:
         """``[n] -> [size * n]`` in rank order."""
         if self.size == 1:
             return flat
+        if self._on_host(flat):
+            return self.all_gather(flat.cpu()).to(flat.device)
         self.traffic.add("all_gather", flat.numel() * flat.element_size() * (self.size - 1))
         return _wait(_all_gather(flat.contiguous(), 0, self.group))
 
@@ -61,6 +67,9 @@ class Comm:
         """``[n] -> [size * n]`` in rank order on the global rank ``dst`` only (``None`` on the others)."""
         if self.size == 1:
             return flat
+        if self._on_host(flat):
+            out = self.gather(flat.cpu(), dst)
+            return out.to(flat.device) if out is not None else None
         self.traffic.add("gather", 0 if dist.get_rank() == dst else flat.numel() * flat.element_size())
         out = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device) \
             if dist.get_rank() == dst else None
@@ -72,6 +81,8 @@ class Comm:
         """``[size * n] -> [n]``: the sum over ranks of this rank's chunk."""
         if self.size == 1:
             return flat
+        if self._on_host(flat):
+            return self.reduce_scatter(flat.cpu()).to(flat.device)
         n = flat.numel() // self.size
         self.traffic.add("reduce_scatter", n * flat.element_size() * (self.size - 1))
         return _wait(_reduce_scatter(flat.contiguous(), "sum", 0, self.group))
@@ -79,12 +90,16 @@ class Comm:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.size == 1:
             return t
+        if self._on_host(t):
+            return self.all_reduce(t.cpu(), op).to(t.device)
         self.traffic.add("all_reduce", 2 * t.numel() * t.element_size() * (self.size - 1) // self.size)
         return _wait(funcol.all_reduce(t.contiguous(), op, self.group))
 
     def all_to_all(self, buf: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         if self.size == 1:
             return buf
+        if self._on_host(buf):
+            return self.all_to_all(buf.cpu(), out_splits, in_splits).to(buf.device)
         row = math.prod(buf.shape[1:]) * buf.element_size()
         self.traffic.add("all_to_all", row * (sum(in_splits) - in_splits[self.rank]))
         return _wait(funcol.all_to_all_single(buf.contiguous(), out_splits, in_splits, self.group))

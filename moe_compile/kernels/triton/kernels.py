@@ -4,6 +4,7 @@ All GEMMs accumulate in float32; inputs may be float32, bfloat16 or float16. The
 (``HAS_TRITON`` is then False and the kernels are plain functions that are never launched)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -55,26 +56,32 @@ def _autotune(configs, key, **kw):
     return (lambda fn: triton.autotune(configs=configs, key=key, **kw)(fn)) if HAS_TRITON else (lambda fn: fn)
 
 
-def _configs(rows: list[tuple], names: tuple[str, ...]) -> list:
+def configs(rows: list[tuple], names: tuple[str, ...]) -> list:
     """``(block..., num_warps, num_stages)`` tuples -> ``triton.Config`` list."""
     if not HAS_TRITON:
         return []
     return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
 
-# Row-block GEMMs (BLOCK_M comes from the plan, see _block_m): (BLOCK_N, BLOCK_K, GROUP_M, warps, stages), the
-# first of each list a sound default. The interpreter runs one small config (fast on CPU, and smaller than the test
-# shapes so that the masks are exercised).
-_ROW_CFG = [(32, 32, 4, 4, 1)] if INTERPRET else [
-    (128, 64, 8, 8, 3), (64, 64, 8, 4, 4), (128, 32, 8, 4, 4), (256, 64, 8, 8, 3), (64, 128, 8, 4, 3)]
-_GATED_CFG = [(32, 32, 4, 4, 1)] if INTERPRET else [  # two accumulators: half the BLOCK_N of _ROW_CFG
+# Row-block GEMMs (BLOCK_M comes from the plan, see launch.py's _block_m): (BLOCK_N, BLOCK_K, GROUP_M, warps,
+# stages), the first of each list a sound default. These are what the autotuner picks from on a GPU; they are defined
+# in every mode so that the interpreter tests can force each one (tests/test_triton_kernels.py).
+ROW_CFG = [(128, 64, 8, 8, 3), (64, 64, 8, 4, 4), (128, 32, 8, 4, 4), (256, 64, 8, 8, 3), (64, 128, 8, 4, 3)]
+GATED_CFG = [  # two accumulators: half the BLOCK_N of ROW_CFG
     (64, 64, 8, 8, 3), (64, 64, 8, 4, 4), (128, 64, 8, 8, 3), (32, 64, 8, 4, 4), (64, 128, 8, 8, 3)]
 # Weight-gradient GEMMs: (BLOCK_M, BLOCK_N, BLOCK_K over the expert's rows, GROUP_M, warps, stages).
-_WGRAD_CFG = [(32, 32, 16, 4, 4, 1)] if INTERPRET else [
-    (128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
-    (128, 256, 32, 8, 8, 3)]
-_ROW_NAMES = ("BLOCK_N", "BLOCK_K", "GROUP_M")
-_WGRAD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+WGRAD_CFG = [(128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
+             (128, 256, 32, 8, 8, 3)]
+# The interpreter's default: one small config each (fast on CPU, and smaller than the test shapes so that the masks
+# and several blocks per dimension are exercised).
+INTERPRET_ROW_CFG = [(32, 32, 4, 4, 1)]
+INTERPRET_GATED_CFG = [(32, 32, 4, 4, 1)]
+INTERPRET_WGRAD_CFG = [(32, 32, 16, 4, 4, 1)]
+ROW_NAMES = ("BLOCK_N", "BLOCK_K", "GROUP_M")
+WGRAD_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+_ROW_DEFAULT = INTERPRET_ROW_CFG if INTERPRET else ROW_CFG
+_GATED_DEFAULT = INTERPRET_GATED_CFG if INTERPRET else GATED_CFG
+_WGRAD_DEFAULT = INTERPRET_WGRAD_CFG if INTERPRET else WGRAD_CFG
 
 
 # ============================================================================================ device helpers
@@ -200,7 +207,7 @@ def align_kernel(starts_ptr, block_starts_ptr, sorted_ids_ptr, block_expert_ptr,
 
 
 # ============================================================================================ grouped GEMMs
-@_autotune(_configs(_GATED_CFG, _ROW_NAMES), key=["F", "K", "BLOCK_M", "GATE"])
+@_autotune(configs(_GATED_DEFAULT, ROW_NAMES), key=["F", "K", "BLOCK_M", "GATE"])
 @_jit
 def gemm1_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, a_ptr, sorted_ids_ptr, order_ptr, block_expert_ptr,
@@ -307,13 +314,13 @@ def _gemm_scatter_body(
 
 
 _SCATTER_KEY = ["N", "K", "BLOCK_M"]
-gemm_scatter_kernel = _autotune(_configs(_ROW_CFG, _ROW_NAMES), key=_SCATTER_KEY)(_gemm_scatter_body)
+gemm_scatter_kernel = _autotune(configs(_ROW_DEFAULT, ROW_NAMES), key=_SCATTER_KEY)(_gemm_scatter_body)
 # the atomic variant accumulates into its output: autotuning must zero it between trials
-gemm_scatter_atomic_kernel = _autotune(_configs(_ROW_CFG, _ROW_NAMES), key=_SCATTER_KEY,
+gemm_scatter_atomic_kernel = _autotune(configs(_ROW_DEFAULT, ROW_NAMES), key=_SCATTER_KEY,
                                         reset_to_zero=["out_ptr"])(_gemm_scatter_body)
 
 
-@_autotune(_configs(_GATED_CFG, _ROW_NAMES), key=["F", "K", "BLOCK_M", "GATED"])
+@_autotune(configs(_GATED_DEFAULT, ROW_NAMES), key=["F", "K", "BLOCK_M", "GATED"])
 @_jit
 def gemm_dact_kernel(
     g_ptr, w_ptr, h_ptr, y_ptr, rw_ptr, dh_ptr, a_ptr, dw_ptr, sorted_ids_ptr, order_ptr, block_expert_ptr,
@@ -371,7 +378,7 @@ def gemm_dact_kernel(
     tl.store(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an, act, mask=mask)
 
 
-@_autotune(_configs(_WGRAD_CFG, _WGRAD_NAMES), key=["M", "N"])
+@_autotune(configs(_WGRAD_DEFAULT, WGRAD_NAMES), key=["M", "N"])
 @_jit
 def wgrad_kernel(
     a_ptr, b_ptr, rw_ptr, dw_ptr, db_ptr, starts_ptr, order_ptr, top_k, M, N,
@@ -422,3 +429,21 @@ def wgrad_kernel(
 
 AUTOTUNED = (gemm1_kernel, gemm_scatter_kernel, gemm_scatter_atomic_kernel, gemm_dact_kernel, wgrad_kernel)
 """The autotuned kernels (their ``.configs`` may be narrowed, e.g. to skip tuning in a quick check)."""
+GPU_TABLES = ((GATED_CFG, ROW_NAMES), (ROW_CFG, ROW_NAMES), (ROW_CFG, ROW_NAMES), (GATED_CFG, ROW_NAMES),
+              (WGRAD_CFG, WGRAD_NAMES))
+"""The GPU config table and parameter names of each kernel of :data:`AUTOTUNED`, in the same order."""
+
+
+@contextlib.contextmanager
+def forced_configs(index: int | None = None):
+    """Within the block every autotuned kernel runs one config, so nothing is tuned: ``index`` picks row ``index``
+    of its GPU table (clamped to the table's length), ``None`` keeps its current first config (the mode's default).
+    A single config is launched as is by triton's Autotuner (no benchmarking, no cache)."""
+    saved = [k.configs for k in AUTOTUNED]
+    try:
+        for k, (rows, names) in zip(AUTOTUNED, GPU_TABLES):
+            k.configs = k.configs[:1] if index is None else configs([rows[min(index, len(rows) - 1)]], names)
+        yield
+    finally:
+        for k, c in zip(AUTOTUNED, saved):
+            k.configs = c
