@@ -13,7 +13,8 @@ weights ``w [T, k]``:
 Backward reuses the same plan: dX and d(activations) are grouped GEMMs with the transposed weights, dW is a grouped
 GEMM over each expert's rows (``torch._grouped_mm`` 2D x 2D with offsets along K), and d(routing weights) is a row
 dot product. Where ``torch._grouped_mm`` cannot run (float64, row strides not a multiple of 16 bytes, torch without
-it) the same math runs as one matmul per expert slice.
+it) the same math runs as one matmul per expert slice. On CPU with more than one torch thread, large grouped GEMMs
+and the sort run on single-threaded worker threads instead, one equal share each (see ``EXPERT_THREADS``).
 """
 from __future__ import annotations
 
