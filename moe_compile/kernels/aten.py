@@ -13,7 +13,8 @@ weights ``w [T, k]``:
 Backward reuses the same plan: dX and d(activations) are grouped GEMMs with the transposed weights, dW is a grouped
 GEMM over each expert's rows (``torch._grouped_mm`` 2D x 2D with offsets along K), and d(routing weights) is a row
 dot product. Where ``torch._grouped_mm`` cannot run (float64, row strides not a multiple of 16 bytes, torch without
-it) the same math runs as one matmul per expert slice.
+it) the same math runs as one matmul per expert slice. On CPU with more than one torch thread, large grouped GEMMs
+and the sort run on single-threaded worker threads instead, one equal share each (see ``EXPERT_THREADS``).
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def _aligned(t: torch.Tensor) -> bool:
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offs_list: list[int]) -> torch.Tensor:
     """``a [S, K] x b [E, K, N] -> [S, N]`` (rows grouped by ``offs``), or ``a [M, S] x b [S, N] -> [E, M, N]``
     (the reduction dimension grouped), as ``torch._grouped_mm`` defines them."""
+    pool = _gemm_pool(a, b, offs_list)
+    if pool is not None:
+        return pool.grouped_mm(a, b, offs_list)
     if (
         _HAS_GROUPED_MM
         and a.dtype in _GROUPED_MM_DTYPES
@@ -70,6 +74,141 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, offs_list: 
         if t > s:
             torch.mm(a[:, s:t], b[s:t], out=out[e])
     return out
+
+
+# ----------------------------------------------------------------------------------------------- expert threads
+EXPERT_THREADS = os.environ.get("MOE_COMPILE_CPU_EXPERT_THREADS", "auto")
+"""How the CPU grouped GEMMs use the cores. ``torch._grouped_mm`` on CPU is a loop of one ``mm`` per expert, each
+spread over all of torch's threads: at 64 experts that is 64 OpenMP parallel regions per GEMM, each ending in a
+barrier, which is cheap on an idle machine and very slow on a busy one (a thread that waits at a barrier spins on
+the core its descheduled partner needs: 3-4x the dense GEMM's time measured under load 6 on 2 cores). ``auto``:
+with ``torch.get_num_threads() > 1``, split each grouped GEMM into that many equal shares (rows for the row-grouped
+GEMMs, output rows for the weight gradients), one per worker thread, each worker running single-threaded ``mm``
+calls: one hand-off and one join per GEMM. ``0`` (or ``off``): the loop of multi-threaded ``mm`` calls. A number:
+that many workers."""
+MIN_POOL_FLOPS = 1 << 24
+"""Grouped GEMMs with fewer multiply-adds than this run in the calling thread (the hand-off costs ~50 us)."""
+
+
+class _GemmPool:
+    """Worker threads with one intra-op thread each (``torch.set_num_threads(1)`` inside each worker: OpenMP's and
+    MKL's thread counts are per thread; the process-wide default it also sets is restored at once)."""
+
+    def __init__(self, n: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n, self.pid = n, os.getpid()
+        self.ex = ThreadPoolExecutor(n, thread_name_prefix="moe_compile-gemm")
+        ready = threading.Barrier(n)
+
+        def init():
+            torch.set_num_threads(1)
+            ready.wait()  # every worker is started and set before any task runs
+
+        main_threads = torch.get_num_threads()
+        for f in [self.ex.submit(init) for _ in range(n)]:
+            f.result()
+        torch.set_num_threads(main_threads)  # the default for threads started later, as it was
+
+    def run(self, tasks: list) -> None:
+        inference = torch.is_inference_mode_enabled()  # (outputs made in inference mode are written in it)
+
+        def call(task):
+            with torch.inference_mode(inference), torch.no_grad():
+                task()
+
+        for f in [self.ex.submit(call, t) for t in tasks]:
+            f.result()
+
+    def grouped_mm(self, a: torch.Tensor, b: torch.Tensor, offs_list: list[int]) -> torch.Tensor:
+        starts = [0] + offs_list[:-1]
+        spans = [(e, s, t) for e, (s, t) in enumerate(zip(starts, offs_list)) if t > s]
+        n = self.n
+        if b.dim() == 3:  # rows grouped: worker j takes rows [S j / n, S (j+1) / n) of every expert they cross
+            out = a.new_empty(a.shape[0], b.shape[-1])
+            rows = offs_list[-1]
+            cuts = [rows * j // n for j in range(n + 1)]
+
+            def share(lo, hi):
+                def task():
+                    for e, s, t in spans:
+                        s, t = max(s, lo), min(t, hi)
+                        if t > s:
+                            torch.mm(a[s:t], b[e], out=out[s:t])
+                return task
+
+            self.run([share(cuts[j], cuts[j + 1]) for j in range(n)])
+            return out
+        # reduction grouped: worker j computes output rows [M j / n, M (j+1) / n) of every expert
+        out = a.new_empty(len(offs_list), a.shape[0], b.shape[-1])
+        m = a.shape[0]
+        cuts = [m * j // n for j in range(n + 1)]
+        hit = [False] * len(offs_list)
+        for e, _, _ in spans:
+            hit[e] = True
+        for e, h in enumerate(hit):
+            if not h:
+                out[e].zero_()
+
+        def share_w(lo, hi):
+            def task():
+                for e, s, t in spans:
+                    torch.mm(a[lo:hi, s:t], b[s:t], out=out[e, lo:hi])
+            return task
+
+        self.run([share_w(cuts[j], cuts[j + 1]) for j in range(n) if cuts[j + 1] > cuts[j]])
+        return out
+
+
+_POOL: list = [None]
+_POOL_LOCK = threading.Lock()
+
+
+def _expert_threads() -> int:
+    if EXPERT_THREADS in ("0", "off"):
+        return 0
+    if EXPERT_THREADS == "auto":
+        n = torch.get_num_threads()
+        return n if n > 1 else 0
+    return int(EXPERT_THREADS)
+
+
+def _gemm_pool(a: torch.Tensor, b: torch.Tensor, offs_list: list[int]) -> "_GemmPool | None":
+    """The worker pool for this grouped GEMM, or None: run it in the calling thread."""
+    if a.device.type != "cpu" or len(offs_list) < 2 or torch.compiler.is_compiling():
+        return None
+    n = _expert_threads()
+    if n < 2 or threading.current_thread().name.startswith("moe_compile-gemm"):
+        return None
+    if a.shape[0] * a.shape[1] * b.shape[-1] < MIN_POOL_FLOPS:  # S K N or M S N multiply-adds
+        return None
+    return _pool(n)
+
+
+def _pool(n: int) -> _GemmPool:
+    pool = _POOL[0]
+    if pool is None or pool.n != n or pool.pid != os.getpid():  # (a fork leaves the parent's threads behind)
+        with _POOL_LOCK:
+            pool = _POOL[0]
+            if pool is None or pool.n != n or pool.pid != os.getpid():
+                if pool is not None and pool.pid == os.getpid():
+                    pool.ex.shutdown(wait=False)
+                pool = _POOL[0] = _GemmPool(n)
+    return pool
+
+
+def plan_for(idx: torch.Tensor, num_experts: int) -> Plan:
+    """``common.make_plan`` (the stable sort by expert); on CPU with expert threads, computed in one worker:
+    torch's multi-threaded sort of ~10^4-10^5 keys has several parallel regions and measured 0.3 ms on one thread
+    but 50-400 ms on two threads of a loaded 2-core machine."""
+    idx = idx.long()
+    n = _expert_threads()
+    if (idx.device.type != "cpu" or n < 2 or idx.numel() < 4096 or torch.compiler.is_compiling()
+            or threading.current_thread().name.startswith("moe_compile-gemm")):
+        return make_plan(idx, num_experts)
+    box = []
+    _pool(n).run([lambda: box.append(make_plan(idx, num_experts))])
+    return box[0]
 
 
 # ----------------------------------------------------------------------------------------------- elementwise
@@ -246,7 +385,7 @@ def experts_forward(spec: MoESpec, x, idx, w, wts: Weights, *, save_y: bool = Fa
     unweighted expert outputs (what the slot op and the Triton path's tests need); pass ``xs=None`` to the backward
     then."""
     dt = x.dtype
-    plan = make_plan(idx.long(), spec.num_experts)
+    plan = plan_for(idx, spec.num_experts)
     xs = x.index_select(0, plan.tokens)
     ws = w.reshape(-1)[plan.order].to(dt)
     if spec.score_on_input:  # the expert runs on w * x; its output is summed as it is
@@ -279,7 +418,7 @@ def experts_backward(spec: MoESpec, grad_out, x, idx, w, wts: Weights, h, xs=Non
     Weights(dw1, dw2, db1, db2))``. ``h`` and ``xs`` are the forward's saved tensors (``xs=None``: gathered
     again). ``forward_b2=False``: the forward ran without ``wts.b2`` (a tensor-parallel shard that does not add the
     bias) but its gradient is wanted: db2 is computed, the routing weights' gradient has no bias term."""
-    plan = make_plan(idx.long(), spec.num_experts)
+    plan = plan_for(idx, spec.num_experts)
     dt = x.dtype
     out_in = spec.weight_layout == "out_in"
     ws = w.reshape(-1)[plan.order].to(dt)
@@ -340,4 +479,4 @@ class AtenBackend(KernelBackend):
         return experts_backward(spec, grad, x, idx, w, wts, h, None if kept_outputs else r, forward_b2=forward_b2)
 
     def plan(self, idx, num_experts):
-        return make_plan(idx.long(), num_experts)
+        return plan_for(idx, num_experts)
