@@ -161,3 +161,38 @@ def _shared_pids():
     import parallel_harness
 
     return {p.pid for pool in parallel_harness._SHARED.values() if not pool.closed for p in pool._procs}
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended (its parent, now init, reaps it)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_pool_workers_end_when_the_test_process_is_killed():
+    """A test process killed outright runs no fixture teardown and no atexit: its pool's workers notice that their
+    parent is gone and exit by themselves (parallel_harness._worker), instead of running on."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import parallel_harness as h; pool = h.WorkerPool(2); "
+              "print(*[p.pid for p in pool._procs], flush=True); import time; time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script, here], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [p for p in pids if _running(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"workers {left} outlived their killed parent"
