@@ -121,7 +121,7 @@ class GenMoE(nn.Module):
         scores = torch.softmax(logits, dim=-1) if c.score == "softmax" else torch.sigmoid(logits)
         if c.groups > 1:  # DeepSeek's group-limited greedy: keep the best groups' experts, top-k among them
             T = x.shape[0]
-            best = scores.view(T, c.groups, -1).max(dim=-1).values
+            best = scores.view(T, c.groups, c.E // c.groups).max(dim=-1).values  # (-1 fails at T = 0)
             gidx = torch.topk(best, c.topk_group, dim=-1).indices
             gmask = torch.zeros_like(best).scatter_(1, gidx, 1.0)
             smask = gmask.unsqueeze(-1).expand(T, c.groups, c.E // c.groups).reshape(T, -1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import moe_compile
@@ -29,6 +29,11 @@ from strategies import STYLES, Case, budget, build, cases, check_case, compile_m
 @example(Case("gshard", E=4, k=2, capacity_factor=0.25, tokens=9, gated=True, act="relu"))  # most tokens dropped
 @example(Case("hf_mixtral", E=4, k=2, init="zero_out", dtype="bfloat16", tokens=7))
 @example(Case("decorated_list", E=3, k=3, init="zero_router", tokens=1))  # exact ties everywhere
+@example(Case("hf_mixtral", E=4, k=1, H=4, F=4, renorm=False, groups=2, topk_group=1, tokens=0))  # fuzz find: the
+# test model's group-limited router reshaped 0 tokens with view(T, G, -1), which torch refuses (a test bug)
+@example(Case("decorated_stacked", E=5, k=1, H=12, F=4, act="sigmoid", renorm=False, shared=True, init="identical",
+              dtype="bfloat16", tokens=3, seed=51))  # bf16 router gradient: why bf16 is judged against float64
+@example(Case("hf_mixtral", E=1, k=1, H=4, F=4, tokens=0))  # no tokens: eager leaves .grad None, the op gives 0
 def test_generated_model_equals_eager(c):
     regions = check_case(c)
     if expected_fused(c):
@@ -125,7 +130,8 @@ def test_fused_op_equals_definition(case):
 
 
 # --------------------------------------------------------------------------------------------- parallel, W = 2
-@settings(max_examples=budget(ci=10, fuzz=200))
+@settings(max_examples=budget(ci=10, fuzz=200),  # pool2 hands out the session's one shared pool: safe to reuse
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(kind=st.sampled_from(["stacked", "stacked_bias", "list", "mixtral", "inline", "inline_bias"]),
        E=st.sampled_from([1, 2, 4, 6]), k=st.integers(1, 3), tokens=st.tuples(st.integers(0, 9), st.integers(0, 9)),
        modes=st.lists(st.sampled_from(["expert", "data", "tensor", "auto"]), min_size=1, max_size=3),
