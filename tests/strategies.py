@@ -124,7 +124,7 @@ class GenMoE(nn.Module):
             best = scores.view(T, c.groups, c.E // c.groups).max(dim=-1).values  # (-1 fails at T = 0)
             gidx = torch.topk(best, c.topk_group, dim=-1).indices
             gmask = torch.zeros_like(best).scatter_(1, gidx, 1.0)
-            smask = gmask.unsqueeze(-1).expand(T, c.groups, c.E // c.groups).reshape(T, -1)
+            smask = gmask.unsqueeze(-1).expand(T, c.groups, c.E // c.groups).reshape(T, c.E)
             scores = scores.masked_fill(~smask.bool(), 0.0)
         w, idx = torch.topk(scores, c.k, dim=-1)
         if c.renorm and c.k > 1:

@@ -245,10 +245,11 @@ def test_eval_and_train_and_jitter_match_eager(compiler):
 
 
 @pytest.mark.slow
-def test_jitter_under_inductor_needs_fallback_random():
-    """Inductor draws random numbers from its own generator: a jittered router then differs from eager at the same
-    seed (with or without this backend). ``torch._inductor.config.fallback_random = True`` makes it use eager's
-    generator, and the compiled model then matches eager."""
+def test_jitter_under_inductor_with_fallback_random():
+    """Inductor may draw random numbers from its own generator (the shared notes measured HF PhiMoE's jittered
+    router differing from eager under plain inductor); with ``torch._inductor.config.fallback_random = True`` it
+    uses eager's generator, and the compiled model then matches eager at the same seed, outputs and gradients.
+    (On this small model plain inductor happened to match too: docs/testing.md; only the setting is relied on.)"""
     import torch._inductor.config as inductor_config
 
     c, model = _jitter_model(seed=11)
@@ -260,8 +261,7 @@ def test_jitter_under_inductor_needs_fallback_random():
     with inductor_config.patch(fallback_random=True):
         compiled = compile_moe(model, "inductor")
         o1, g1 = _seeded(compiled, x)
-    assert _fused()
+        assert _fused()
+        o2, _ = _seeded(compiled, x, seed=1)
+    assert not torch.allclose(o2, o1)  # the premise: the jitter acts in the compiled model
     assert _err(o1, o0) <= TOL and all(_err(g1[n], g0[n], 1e-6) <= 1e-4 for n in g0)
-    compiled = compile_moe(copy.deepcopy(eager), "inductor")  # inductor's own generator
-    o2, _ = _seeded(compiled, x)
-    assert not torch.allclose(o2, o0, rtol=1e-3), "inductor's generator happened to match eager's"
