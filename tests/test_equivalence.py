@@ -142,8 +142,9 @@ def test_parallel_modes_equal_one_process(pool2, kind, E, k, tokens, modes, comp
     if kind.startswith("inline"):
         E = max(E, 2)  # an inline block's experts are sharded whole: E >= W (docs/parallel.md); smaller E is refused
     k = min(k, E)
-    if E < 2:
-        modes = [m for m in modes if m != "expert"] or ["tensor"]  # E < W: experts are split, not placed
+    # expert places whole experts (E >= W); tensor splits each expert's hidden size (E < W): docs/parallel.md
+    wrong = "expert" if E < 2 else "tensor"
+    modes = [m for m in modes if m != wrong] or ["data"]
     if kind.startswith("inline") and compile is None:
         compile = "aot_eager"  # sharded inline blocks run only compiled (README)
     case = dict(kind=kind, E=E, k=k, H=8, F=8, layers=1, tokens=list(tokens), modes=modes, compile=compile,
