@@ -66,7 +66,7 @@ def grads_equal(g_ref: dict, g_got: dict, tol: float = 1e-4) -> dict:
     times 1e-3 where a gradient is itself ~0; returns {} when all agree."""
     scale = max((float(g.abs().max()) for g in g_ref.values() if g.numel()), default=0.0)
     bad = {n: rel_err(g_got[n], g_ref[n], 1e-3 * scale) for n in g_ref}
-    return {n: e for n, e in bad.items() if e > tol}
+    return {n: e for n, e in bad.items() if not e <= tol}  # NaN is a difference too
 
 
 def assert_same_training_step(ref, got, tol=1e-4):

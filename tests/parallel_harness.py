@@ -51,8 +51,14 @@ def _worker(rank: int, world: int, init_file: str, inq, outq, env: dict) -> None
         outq.put((rank, False, traceback.format_exc()))
         return
     outq.put((rank, True, "ready"))
+    parent = os.getppid()
     while True:
-        task = inq.get()
+        try:
+            task = inq.get(timeout=2.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test process is gone (killed: no fixture teardown ran): end too
+                os._exit(0)
+            continue
         if task is None:
             break
         fn, args, kwargs = task

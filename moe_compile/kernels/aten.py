@@ -354,7 +354,10 @@ def _scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     bufs = _local.__dict__.setdefault("bufs", {})
     n = math.prod(shape)
     buf = bufs.get(role)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
+    # a buffer made under torch.inference_mode is an inference tensor: outside that mode it may not be written in
+    # place ("Inplace update to inference tensor outside InferenceMode"), so it is replaced there
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or stale or buf.dtype != dtype or buf.numel() < n:
         buf = bufs[role] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 

@@ -42,6 +42,13 @@ _CODE = {"expert": 0, "data": 1, "tensor": 2}
 _NAME = {v: k for k, v in _CODE.items()}
 SLOTS = ("gate", "up", "down", "b_gate", "b_up", "b_down")
 
+_DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPE_CODES[code]) if code < len(_DTYPE_CODES) else "another dtype"
+
+
 @dataclass
 class Stats:
     calls: dict[str, int] = field(default_factory=dict)  # mode actually run -> forward calls
@@ -224,21 +231,31 @@ class ParallelState:
         lay, W, E = self.layout, self.W, self.layout.E
         divisor = float(W * self.DP) if self._ddp() is not None else (fsdp_grads.grad_divisor(self) or 1.0)
         why = self._check(x, idx, w)
-        mine = torch.zeros(E + 2, dtype=torch.long, device=x.device)
+        # [bad input, tokens, counts (E), k, dtype]: k and the dtype must agree across ranks (the all-to-alls
+        # exchange rows of this dtype, k per token), so they travel with the counts and every rank checks them
+        mine = torch.zeros(E + 4, dtype=torch.long, device=x.device)
         if why is None:
             mine[1] = x.shape[0]
             ones = torch.ones(idx.numel(), dtype=torch.long, device=x.device)
             counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, idx.reshape(-1).long(), ones)
-            mine[2:] = counts[:E]
+            mine[2:E + 2] = counts[:E]
+            mine[E + 2] = idx.shape[1]
+            mine[E + 3] = _DTYPE_CODES.index(x.dtype) if x.dtype in _DTYPE_CODES else len(_DTYPE_CODES)
         else:
             mine[0] = 1
-        table = self.world.all_gather(mine).view(W, E + 2).cpu()
+        table = self.world.all_gather(mine).view(W, E + 4).cpu()
         bad = [r for r in range(W) if table[r, 0]]
+        if not bad:
+            differ = [r for r in range(W) if not torch.equal(table[r, E + 2:], table[0, E + 2:])]
+            if differ:
+                bad = differ
+                why = why or ("top-k and hidden-state dtype differ between ranks: " + ", ".join(
+                    f"rank {r} k={int(table[r, E + 2])} {_dtype_name(int(table[r, E + 3]))}" for r in [0] + differ))
         if bad:
             here = f": {why}" if why else ""
             raise ValueError(f"moe_compile.parallel ({self.path}): bad experts input on rank(s) {bad}{here}")
         tokens = table[:, 1].tolist()
-        C = table[:, 2:].tolist()
+        C = table[:, 2:E + 2].tolist()
         mode = self.mode
         hier = self.a2a.hierarchical
         k = idx.shape[1]
