@@ -300,3 +300,21 @@ class AuxNet(nn.Module):
         h = self.inp(x)
         m, aux = self.moe(h)
         return self.out(h + m) + aux
+
+
+class GroupedExperts(nn.Module):
+    """Stacked SwiGLU weights ``w1 [E, F, H]``, ``w2 [E, H, F]``, ``w3 [E, F, H]`` over rows sorted by expert,
+    run by a Python loop over ``torch.split(x, counts)``."""
+
+    def __init__(self, E, H, Fd):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(E, Fd, H) / H**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, H, Fd) / Fd**0.5)
+        self.w3 = nn.Parameter(torch.randn(E, Fd, H) / H**0.5)
+
+    def forward(self, x, counts):
+        outs = []
+        for e, xe in enumerate(torch.split(x, counts.long().tolist(), dim=0)):
+            h = F.silu(xe @ self.w1[e].transpose(-2, -1)) * (xe @ self.w3[e].transpose(-2, -1))
+            outs.append(h @ self.w2[e].transpose(-2, -1))
+        return torch.cat(outs, dim=0)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import moe_compile
 from helpers import rel_err
-from models import ACTS, MLP, DecoratedLoopExperts, GShardMoE
+from models import ACTS, MLP, DecoratedLoopExperts, GroupedExperts, GShardMoE
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
@@ -72,22 +71,9 @@ class StackedExperts(nn.Module):
         return out
 
 
-class SortedExperts(nn.Module):
+class SortedExperts(GroupedExperts):
     """torchtitan's grouped experts: stacked SwiGLU ``w1/w3 [E, F, H]``, ``w2 [E, H, F]`` over rows sorted by
-    expert, a loop over ``split(counts.tolist())``."""
-
-    def __init__(self, E, H, Fd):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(E, Fd, H) / H ** 0.5)
-        self.w2 = nn.Parameter(torch.randn(E, H, Fd) / Fd ** 0.5)
-        self.w3 = nn.Parameter(torch.randn(E, Fd, H) / H ** 0.5)
-
-    def forward(self, x, counts):
-        outs = []
-        for e, xe in enumerate(torch.split(x, counts.long().tolist(), dim=0)):
-            h = F.silu(xe @ self.w1[e].transpose(-2, -1)) * (xe @ self.w3[e].transpose(-2, -1))
-            outs.append(h @ self.w2[e].transpose(-2, -1))
-        return torch.cat(outs, dim=0)
+    expert, a loop over ``split(counts.tolist())`` (``tests/models.py``'s ``GroupedExperts``)."""
 
 
 class GenMoE(nn.Module):

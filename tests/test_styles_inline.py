@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import moe_compile
 from helpers import count_op_calls, grads_equal, out_and_grads, rel_err
+from models import GroupedExperts
 
 TOL = 2e-6
 
@@ -34,24 +35,6 @@ class TopKRouter(nn.Module):
             top, idx = torch.topk(scores, k=self.k, dim=1)
         counts = torch.histc(idx.view(-1).float(), bins=self.E, min=0, max=self.E)
         return top, idx, counts
-
-
-class GroupedExperts(nn.Module):
-    """Stacked SwiGLU weights ``w1 [E, F, H]``, ``w2 [E, H, F]``, ``w3 [E, F, H]`` over rows sorted by expert,
-    run by a Python loop over ``torch.split(x, counts)``."""
-
-    def __init__(self, E, H, Fd):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(E, Fd, H) / H**0.5)
-        self.w2 = nn.Parameter(torch.randn(E, H, Fd) / Fd**0.5)
-        self.w3 = nn.Parameter(torch.randn(E, Fd, H) / H**0.5)
-
-    def forward(self, x, counts):
-        outs = []
-        for e, xe in enumerate(torch.split(x, counts.long().tolist(), dim=0)):
-            h = F.silu(xe @ self.w1[e].transpose(-2, -1)) * (xe @ self.w3[e].transpose(-2, -1))
-            outs.append(h @ self.w2[e].transpose(-2, -1))
-        return torch.cat(outs, dim=0)
 
 
 class TitanMoE(nn.Module):
