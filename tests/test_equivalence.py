@@ -106,7 +106,7 @@ def _definition(spec, x, idx, w, up, down, b_up, b_down):
     return (y * keep[..., None]).sum(1)
 
 
-@settings(max_examples=budget(ci=150, fuzz=8000))
+@settings(max_examples=budget(ci=150, fuzz=8300))
 @given(op_cases())
 def test_fused_op_equals_definition(case):
     """``moe_compile::experts`` forward and its gradients (x, routing weights, every weight and bias) against the
