@@ -226,6 +226,7 @@ def _elementwise(spec: MoESpec):
     """The eager ``(act_forward, act_backward)`` pair for ``spec``'s activation and gate layout."""
     name, alpha, limit = spec.activation, float(spec.act_alpha), float(spec.act_limit)
     interleaved = spec.gate_layout == "interleaved"
+    act = None if name == "swiglu_oai" else activations.elementwise(name)  # looked up once, not per call
 
     def split(h):
         if interleaved:
@@ -243,27 +244,23 @@ def _elementwise(spec: MoESpec):
             d_u = torch.where((u >= -limit) & (u <= limit), glu, 0.0)
             return (uc + 1) * glu, d_g, d_u
     elif spec.gated:
-        base = activations.elementwise(name).value_and_grad
-
         def value_and_grads(h):
             g, u = split(h)
-            v, dv = base(g)
+            v, dv = act.value_and_grad(g)
             return v * u, dv * u, v
     else:
-        base = activations.elementwise(name).value_and_grad
-
         def value_and_grads(h):
-            v, dv = base(h)
+            v, dv = act.value_and_grad(h)
             return v, dv, None
 
     def act_forward(h, ws, aw):
         if name == "swiglu_oai":
             a = value_and_grads(h)[0]  # (inductor drops the unused derivatives)
         elif not spec.gated:
-            a = activations.elementwise(name).forward(h)
+            a = act.forward(h)
         else:
             g, u = split(h)
-            a = activations.elementwise(name).forward(g) * u
+            a = act.forward(g) * u
         aw.copy_(a * ws[:, None])
 
     def act_backward(h, daw, ws, dh, aw, dws):
