@@ -10,8 +10,9 @@ only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope``)
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers the moe_compile:: ops)
-from . import capture, capture_blocks, scope
+from . import capture, capture_blocks, compat, scope
 from .backend import moe_backend
+from .passes import fuse_moe
 from .capture import experts
 from .spec import MoESpec, RouterSpec
 
@@ -21,10 +22,14 @@ __version__ = "0.1.0"
 
 def install_capture() -> None:
     """Hook the moe backend's per-frame scope into Dynamo and HF's experts lookup (idempotent; done on import).
-    Both hooks do nothing outside frames compiled with ``backend="moe"``."""
-    scope.install()
-    capture.install_hf_capture()
+    Both hooks do nothing outside frames compiled with ``backend="moe"``. A hook that finds torch or transformers
+    not as it expects turns its feature off with a warning (``moe_compile.compat.off()``; explain says so)."""
+    scope.install(before_ddp_split=fuse_moe)
+    why = capture.install_hf_capture()
+    if why:
+        compat.turn_off("HF experts capture", f"{why}; HF experts modules run their own code, unfused")
     scope.on_moe_frame(capture_blocks.install)  # HF MoE blocks that are not experts modules (switch, nllb, dbrx)
+    scope.on_moe_frame(capture.register_roots)  # after the classes are patched: the modules to capture, by key
 
 
 install_capture()

@@ -24,17 +24,75 @@ import torch
 from torch import Tensor
 
 from . import scope
+from .compat import hf, nn as compat_nn
 
 _MODULES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
 ENABLED = True  # moe_compile.capture.ENABLED = False turns capture off (Dynamo then traces modules as they are)
 
 
+SKIPPED: dict[str, str] = {}
+"""Captured classes (by ``__qualname__``) a call of which was left uncaptured while tracing, with the reason
+(reported by explain)."""
+
+
 @torch.compiler.assume_constant_result
+def record_skip(qualname: str, why: str) -> bool:
+    """Keep why a call of class ``qualname`` was left uncaptured (runs once at trace time, as a constant)."""
+    SKIPPED[qualname] = why
+    return True
+
+
 def module_key(module: torch.nn.Module) -> str:
-    """A stable name for ``module`` that the graph carries as a constant; Dynamo calls this at trace time."""
-    key = f"{type(module).__qualname__}@{id(module):x}"
+    """Register ``module`` under a stable name that a graph carries as a constant, and return the name."""
+    key = _key_text(type(module).__qualname__, id(module))
     _MODULES[key] = module
     return key
+
+
+def _key_text(qualname: str, ident: int) -> str:
+    return f"{qualname}@{ident:x}"
+
+
+@torch.compiler.assume_constant_result
+def _registered_key(qualname: str, ident: int) -> str:
+    """The registered name of the module ``(type qualname, id)`` ("" if it is not registered), called while Dynamo
+    traces: its arguments are constants on every supported torch (a module itself is not, on torch 2.11)."""
+    key = _key_text(qualname, ident)
+    return key if key in _MODULES else ""
+
+
+def traced_key(module: torch.nn.Module) -> str:
+    """``module``'s registered name while Dynamo traces it ("" when it was not registered before the trace: it
+    was not reachable from the compiled frame's locals, closure or globals, see :func:`register_roots`)."""
+    return _registered_key(type(module).__qualname__, id(module))
+
+
+NOT_REGISTERED = ("the module was not reachable from the compiled frame (its locals, closure or globals) when the "
+                  "trace began, so no captured call can find it; compile a function or module that holds it")
+
+
+def _modules_in(obj):
+    if isinstance(obj, torch.nn.Module):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        yield from (o for o in obj if isinstance(o, torch.nn.Module))
+    elif isinstance(obj, dict):
+        yield from (o for o in obj.values() if isinstance(o, torch.nn.Module))
+
+
+def register_roots(roots) -> None:
+    """Register every capturable module inside the modules among ``roots`` (and one level of lists, tuples and
+    dicts of them): what a moe frame's code can reach, registered before Dynamo traces it
+    (``scope.on_moe_frame``)."""
+    seen = set()
+    for obj in roots:
+        for root in _modules_in(obj):
+            if id(root) in seen:
+                continue
+            seen.add(id(root))
+            for m in root.modules():
+                if is_captured_class(m) or getattr(type(m), "_moe_compile_block", None):
+                    module_key(m)
 
 
 def module_for(key: str) -> torch.nn.Module:
@@ -76,8 +134,11 @@ def uncaptured():
 def run_own_code(module: torch.nn.Module, params: dict, args) -> Tensor:
     """``module(*args)`` by its own code, uncaptured and without autograd, its parameters replaced by ``params`` and
     its floating buffers by random values (what recognition proves against: nothing a later step can change, a
-    parameter's or a buffer's value, may decide the proof)."""
-    with uncaptured():
+    parameter's or a buffer's value, may decide the proof). An HF experts module given float64 parameters runs
+    HF's eager loop, the common definition of its implementations (``grouped_mm`` has no float64 kernel on every
+    torch / transformers release)."""
+    f64 = any(p.dtype == torch.float64 for p in params.values())
+    with uncaptured(), (hf.eager_experts(module) if f64 else contextlib.nullcontext()):
         return torch.func.functional_call(module, {**random_buffers(module), **params}, tuple(args), strict=False)
 
 
@@ -85,22 +146,31 @@ def uncapturable(module: torch.nn.Module) -> str:
     """Why a call of ``module`` must run as it is, uncaptured ("" if it may be captured): a captured call's backward
     recomputes the forward, so a module with dropout (p > 0) would draw another mask, and hooks registered on it or
     below it (HF's output recorders, the user's) would not run on the captured code's inner calls."""
-    drop = [n for n, m in module.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    drop = compat_nn.dropouts(module)
     if drop or (getattr(module, "moe_token_dropout", 0) or 0) > 0:
         return (f"dropout inside the experts ({drop[0] if drop else 'moe_token_dropout'}, p > 0): a captured call's "
                 "backward would recompute it with another random mask; set the dropout to 0 to capture it")
-    hooked = [n or "<module>" for n, m in module.named_modules()
-              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    hooked = compat_nn.hooked(module)
     if hooked:
         return f"hooks registered on {hooked[0]} would not run on the captured code; remove them to capture it"
     return ""
 
 
-def captured_call(module: torch.nn.Module, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-    """What a captured experts module runs while Dynamo traces it."""
+def captured_call(module: torch.nn.Module, key: str, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """What a captured experts module runs while Dynamo traces it (``key``: its :func:`traced_key`)."""
     # moe_compile::experts_call is defined in moe_compile.ops.calls (registered when moe_compile imports)
-    return torch.ops.moe_compile.experts_call.default(x, idx, w, [p for _, p in module.named_parameters()],
-                                                      module_key(module))
+    return torch.ops.moe_compile.experts_call.default(x, idx, w, [p for _, p in module.named_parameters()], key)
+
+
+def capture_key(module: torch.nn.Module) -> str:
+    """While tracing: ``module``'s key if this call may be captured, else "" (the reason kept in SKIPPED)."""
+    why = uncapturable(module)
+    key = "" if why else traced_key(module)
+    if not why and not key:
+        why = NOT_REGISTERED
+    if why:
+        record_skip(type(module).__qualname__, why)
+    return key
 
 
 def bind_experts_args(forward, module, args, kwargs) -> list:
@@ -147,9 +217,10 @@ def experts(cls):
     def forward(self, *args, **kwargs):
         # captured only as the instance's own forward: a subclass's forward calling this one through super() has
         # transformed the arguments already, and the captured op reruns the whole module
-        if (ENABLED and torch.compiler.is_compiling() and scope.active() and type(self).forward is forward
-                and not uncapturable(self)):
-            return captured_call(self, *bind_experts_args(original, self, args, kwargs))
+        if ENABLED and torch.compiler.is_compiling() and scope.active() and type(self).forward is forward:
+            key = capture_key(self)
+            if key:
+                return captured_call(self, key, *bind_experts_args(original, self, args, kwargs))
         return original(self, *args, **kwargs)
 
     cls.forward = forward
@@ -164,42 +235,30 @@ def is_captured_class(module: torch.nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------------- HF transformers
 def _is_hf_experts(module) -> bool:
-    return hasattr(module, "config") and hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+    return hf.is_experts_module(module)
 
 
-_HF_PATCHED = False
+def _route_hf(fn):
+    """What HF's experts lookup returns for an experts implementation ``fn``: ``fn``, or while a moe frame is
+    traced, ``fn`` behind the capture."""
+    if ENABLED and torch.compiler.is_compiling() and scope.active():
+        return functools.partial(_hf_captured, fn)
+    return fn
 
 
-def install_hf_capture() -> bool:
-    """Route HF experts modules to ``captured_call`` while compiling. Idempotent; False if transformers is absent."""
-    global _HF_PATCHED
-    if _HF_PATCHED:
-        return True
-    try:
-        from transformers.integrations import moe as hf_moe
-    except Exception:  # transformers not installed, or too old to have ExpertsInterface
-        return False
-    interface = getattr(hf_moe, "ExpertsInterface", None)
-    if interface is None:
-        return False
-    original = interface.get_interface
-
-    @functools.wraps(original)
-    def get_interface(self, experts_implementation, default):
-        fn = original(self, experts_implementation, default)
-        if ENABLED and torch.compiler.is_compiling() and scope.active():
-            return functools.partial(_hf_captured, fn)
-        return fn
-
-    interface.get_interface = get_interface
-    _HF_PATCHED = True
-    return True
+def install_hf_capture() -> str:
+    """Route HF experts modules to ``captured_call`` while compiling. Idempotent. Returns "" when installed (or
+    when transformers has no experts modules), else why not (the caller turns the capture of HF experts off)."""
+    return hf.install_experts_hook(_route_hf)
 
 
 def _hf_captured(fn, module, *args, **kwargs):
-    """HF's experts implementation ``fn`` for ``module``, captured unless the module cannot be (``uncapturable``),
+    """HF's experts implementation ``fn`` for ``module``, captured unless the module cannot be (``capture_key``),
     or the instance's own forward is not HF's wrapper (a subclass's forward calling it through ``super()`` has
     transformed the arguments already, and the captured op reruns the whole module)."""
-    if uncapturable(module) or getattr(type(module).forward, "__wrapped__", None) is None:
+    if not hf.forward_is_hf_wrapper(type(module)):
         return fn(module, *args, **kwargs)
-    return captured_call(module, *bind_experts_args(type(module).forward, module, args, kwargs))
+    key = capture_key(module)
+    if not key:
+        return fn(module, *args, **kwargs)
+    return captured_call(module, key, *bind_experts_args(type(module).forward, module, args, kwargs))

@@ -30,23 +30,15 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 
 import torch
 from torch import Tensor
 
 from . import capture, scope
+from .compat import hf
 
-BLOCKS = {
-    "transformers.models.switch_transformers.modeling_switch_transformers": {"SwitchTransformersExperts": ("mask", 2)},
-    "transformers.models.nllb_moe.modeling_nllb_moe": {"NllbMoeExperts": ("index", 2)},
-    "transformers.models.dbrx.modeling_dbrx": {"DbrxExperts": ("index", 3)},
-    "transformers.models.jetmoe.modeling_jetmoe": {"JetMoeMoE": ("block", 3)},
-}
+BLOCKS = hf.BLOCKS
 """module -> {class name: (kind, rank of the hidden states the call must have to be captured)}."""
-
-SKIPPED: "weakref.WeakKeyDictionary[type, str]" = weakref.WeakKeyDictionary()
-"""Captured classes a call of which was left uncaptured while tracing, with the reason (reported by explain)."""
 
 
 def _args(module, x, a, b):
@@ -76,10 +68,11 @@ def _patch(cls, kind: str, rank: int) -> None:
         if capture.ENABLED and torch.compiler.is_compiling() and scope.active() and type(self).forward is forward:
             call = _capturable(self, kind, rank, args, kwargs)
             if isinstance(call, str):
-                SKIPPED[type(self)] = call
+                capture.record_skip(type(self).__qualname__, call)
             else:
+                call_key, call = call
                 return torch.ops.moe_compile.block_call.default(*call, [p for _, p in self.named_parameters()],
-                                                                capture.module_key(self))
+                                                                call_key)
         return original(self, *args, **kwargs)
 
     cls.forward = forward
@@ -88,37 +81,29 @@ def _patch(cls, kind: str, rank: int) -> None:
 
 
 def _capturable(module, kind, rank, args, kwargs):
-    """``(x, a, b)`` for the captured op, or why this call cannot be captured."""
+    """``(key, (x, a, b))`` for the captured op, or why this call cannot be captured."""
     n = 1 if kind == "block" else 3
     if kwargs or len(args) != n or not all(isinstance(t, Tensor) for t in args):
         return f"called with arguments the capture does not carry (expects {n} positional tensors)"
-    why = capture.uncapturable(module)
-    if why:
-        return why
     x = args[0]
     if x.dim() != rank or not x.is_floating_point():
         return f"hidden states of rank {x.dim()} ({x.dtype}); the capture expects a floating [*, H] of rank {rank}"
+    why = capture.uncapturable(module)
+    key = "" if why else capture.traced_key(module)
+    if not key:
+        return why or capture.NOT_REGISTERED
     if kind == "block":
-        return x, x.new_zeros((0,), dtype=torch.long), x.new_zeros((0,))
+        return key, (x, x.new_zeros((0,), dtype=torch.long), x.new_zeros((0,)))
     a, b = args[1], args[2]
     if a.is_floating_point() or not b.is_floating_point():
         return "expects (hidden, integer expert mask or ids, floating routing weights)"
-    return x, a, b
+    return key, (x, a, b)
 
 
-def _patch_module(mod) -> None:
-    for cls_name, (kind, rank) in BLOCKS.get(mod.__name__, {}).items():
-        cls = getattr(mod, cls_name, None)
-        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-            _patch(cls, kind, rank)
-
-
-def install() -> None:
+def install(roots=()) -> None:
     """Patch the listed classes whose transformers module is imported by now (idempotent per class; eager
     behaviour is unchanged). Runs as each frame compiled for the ``moe`` backend starts (``scope.on_moe_frame``):
     a model is built, so its modeling module imported, before it is compiled; nothing is patched in a process
     that never compiles with ``backend="moe"``."""
-    for name in BLOCKS:
-        mod = sys.modules.get(name)
-        if mod is not None:
-            _patch_module(mod)
+    for cls, kind, rank in hf.block_classes():
+        _patch(cls, kind, rank)

@@ -25,7 +25,6 @@ alone (three forward arguments and 3D weights, say) that is not proven to be exp
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -164,22 +163,6 @@ def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = No
     return seen
 
 
-@contextlib.contextmanager
-def _eager_hf_experts(module: nn.Module):
-    """HF experts run their ``experts_implementation`` (grouped_mm by default in a full model), which has no
-    float64 kernel; the detector's float64 proof runs the eager loop, the implementations' common definition."""
-    cfg = getattr(module, "config", None)
-    impl = getattr(cfg, "_experts_implementation", None)
-    if impl is None or impl == "eager":
-        yield
-        return
-    cfg._experts_implementation = "eager"
-    try:
-        yield
-    finally:
-        cfg._experts_implementation = impl
-
-
 def _probe_failed(match: ExpertsMatch) -> bool:
     return "forward failed" in match.reason or "does not return" in match.reason
 
@@ -312,8 +295,7 @@ def find_experts(model: nn.Module, example_inputs=None) -> tuple[list[Found], li
             continue
         k, tokens = traced.get(id(m), (None, None))
         k = k or _top_k(m, parent.get(id(m)))
-        with _eager_hf_experts(m):
-            match = recognise_module(m, top_k=k)
+        match = recognise_module(m, top_k=k)
         if not match.ok:
             msg = f"{path or '<model>'} ({type(m).__name__}): {match.reason}"
             if known or (id(m) in traced and not _probe_failed(match)):

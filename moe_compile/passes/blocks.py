@@ -330,8 +330,8 @@ def fuse_block_calls(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
 
 
 def report_skipped(gm: fx.GraphModule, found) -> list[Region]:
-    """Blocks of a captured class left uncaptured in this trace (``capture_blocks.SKIPPED``), once per path."""
-    skipped = {cls.__qualname__: why for cls, why in capture_blocks.SKIPPED.items()}
+    """Modules of a captured class left uncaptured in this trace (``capture.SKIPPED``), once per path."""
+    skipped = dict(capture.SKIPPED)
     if not skipped:
         return []
     seen, out = {r.module_path for r in found}, []
