@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import dynamo
 from .passes import Region, fuse_moe
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -37,12 +38,8 @@ def moe_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None =
     if opts["compiler"] == "eager":
         return gm.forward
     if opts["compiler"] == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs)
+        return dynamo.aot_eager(gm, example_inputs)
+    return dynamo.inductor(gm, example_inputs)
 
 
 moe_backend.moe_compile_backend = True  # how moe_compile.scope recognises the backend behind Dynamo's wrappers

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import compat
+from .compat import dynamo
 from .passes import Region, fuse_moe
 from .scope import moe_scope
 
@@ -18,6 +20,7 @@ class Report:
     break_reasons: list[str] = field(default_factory=list)
     graphs: int = 0
     parallel: object = None  # moe_compile.parallel.ParallelReport of a parallelized model (what "auto" chose)
+    off: dict = field(default_factory=dict)  # features off on this torch / transformers (compat.off()): why
 
     @property
     def fused(self) -> list[Region]:
@@ -29,6 +32,7 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"moe_compile.explain: {len(self.fused)}/{len(self.regions)} MoE regions fused, "
                  f"{self.graphs} graph(s), {self.graph_breaks} graph break(s)"]
+        lines += [f"{feature} off: {why}" for feature, why in self.off.items()]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
         for reason in self.break_reasons:
@@ -143,13 +147,14 @@ def explain(model, *args, **kwargs) -> Report:
         return gm.forward
 
     with moe_scope():
-        out = torch._dynamo.explain(model)(*args, **kwargs)
+        out = dynamo.explain(model)(*args, **kwargs)
     report.graph_breaks = out.graph_break_count
     report.break_reasons = [str(b.reason) for b in out.break_reasons]
-    torch._dynamo.reset()
+    dynamo.reset()
     with moe_scope():
         torch.compile(model, backend=collect)(*args, **kwargs)
-    torch._dynamo.reset()
+    dynamo.reset()
+    report.off = compat.off()
     modules = dict(model.named_modules())
     for r in report.regions:  # a frame's paths are relative to its own module: name such blocks from the root
         if r.module_path == "<top>" or r.module_path not in modules:

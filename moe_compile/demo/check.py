@@ -109,7 +109,7 @@ def step_check(model, make_optimizer, opts: dict, ckpt: dict | None, batches, st
                           wrapper="FSDP2" if opts.get("fsdp") else "DDP")
     dist.barrier()
     del run, par, opt, ref
-    torch._dynamo.reset()  # drop the check's graphs before the run compiles its own
+    torch.compiler.reset()  # drop the check's graphs before the run compiles its own
     return verdict
 
 

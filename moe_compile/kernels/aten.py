@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from .. import activations
+from ..compat import dynamo
 from ..spec import MoESpec
 from .common import Plan, Weights, make_plan
 from .interface import KernelBackend
@@ -283,8 +284,7 @@ def _elementwise(spec: MoESpec):
 # Inductor's on-disk FX graph cache and precompiled headers went stale on this machine's shared cache (torch 2.13:
 # vectorised kernel code compiled without the vector ISA flags it needs, "'at::vec' has not been declared"); these
 # kernels skip both (a few seconds of code generation once per process; the compiled .so is still cached)
-_OPTIONS = {"cpp_cache_precompile_headers": False, "fx_graph_cache": False} if hasattr(torch._inductor.config, "cpp_cache_precompile_headers") \
-    else {}
+_OPTIONS = dynamo.inductor_options(cpp_cache_precompile_headers=False, fx_graph_cache=False)
 _EAGER: dict[tuple, tuple] = {}
 _COMPILED: dict[tuple, tuple] = {}
 _FAILED: set[tuple] = set()

@@ -12,15 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 
-# torch 2.13 renamed the gather / reduce-scatter functional collectives; 2.11 only has the old names
-_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
-
-
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    return funcol.wait_tensor(t) if isinstance(t, funcol.AsyncCollectiveTensor) else t
+# torch 2.13 renamed the gather / reduce-scatter functional collectives; 2.11 only has the old names (compat picks)
+from ..compat.distributed import all_gather as _all_gather, funcol, reduce_scatter as _reduce_scatter, wait as _wait
 
 
 @dataclass

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .. import capture
+from ..compat import dynamo
 from ..passes.detect import ExpertsMatch, recognise_module
 
 
@@ -127,8 +128,6 @@ def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = No
 
     Forward pre-hooks watch every call; the model runs once on fake tensors, or, when its code needs real values
     (a data-dependent experts loop, say), once on the real inputs under ``no_grad``."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     seen: dict[int, tuple[int, int]] = {}
     watch = watch if watch is not None else {}
 
@@ -150,7 +149,7 @@ def _traced(model: nn.Module, example_inputs, watch: dict[int, list] | None = No
     capture.ENABLED = False
     try:
         try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as fm, torch.no_grad():
+            with dynamo.fake_mode() as fm, torch.no_grad():
                 conv = lambda t: fm.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
                 model(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
         except Exception:  # noqa: BLE001 - the model needs real values: run it for real

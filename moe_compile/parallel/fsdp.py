@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..compat import distributed
 from .layout import ParallelError
 from .tags import parallel_states, unwrapped
 
@@ -46,7 +47,7 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
                 "parallelize, and parallelize the copy)")
 
     def ignored(p) -> bool:
-        sharded = getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False)
+        sharded = getattr(p, "_moe_expert", False) and distributed.is_ddp_ignored(p)
         return sharded or getattr(p, "_moe_remote", False)  # a placeholder of another rank's expert
 
     return {p for m in root.modules() for p in m.parameters(recurse=False) if ignored(p)}

@@ -5,7 +5,8 @@ the ranks by its *gradient divide factor*: by default the data-parallel size of 
 the factor given to ``FSDPModule.set_gradient_divide_factor``. The experts op (``state.ParallelState``) sums each
 expert gradient over the ranks itself and divides by the same factor, read here from the innermost FSDP module
 that holds the experts module, so a step equals the single-process step on the global batch exactly as under
-DDP. Only torch's own objects are read; nothing here imports the rest of the package but ``layout``.
+DDP. Only torch's own objects are read (through ``compat.distributed``, which raises where one is not as
+expected); nothing here imports the rest of the package but ``layout`` and ``compat``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import weakref
 
 from torch import nn
 
+from ..compat import distributed
 from .layout import ParallelError
 
 
@@ -37,16 +39,6 @@ def _chain(root: nn.Module, path: str) -> list[nn.Module]:
         m = getattr(m, part)
         out.append(m)
     return out
-
-
-def _param_group(module) -> object | None:
-    state = module._get_fsdp_state()
-    return getattr(state, "_fsdp_param_group", None)
-
-
-def _data_parallel_size(group) -> int:
-    mi = group.mesh_info
-    return int(getattr(mi, "shard_mesh_size", 1)) * int(getattr(mi, "replicate_mesh_size", 1))
 
 
 def set_model(state, root: nn.Module, path: str) -> None:
@@ -92,16 +84,16 @@ def grad_divisor(state) -> float | None:
                 "ignored_params=moe_compile.fsdp_ignored_params(model) to every fully_shard call (the blocks and "
                 "the model)")
     for m in reversed(holders):
-        group = _param_group(m)
+        group = distributed.fsdp_param_group(m)
         if group is None:  # fully_shard on a module without parameters of its own: the next one out decides
             continue
-        size = _data_parallel_size(group)
+        size = distributed.fsdp_data_parallel_size(group)
         if size != state.W * state.DP:
             raise ParallelError(
                 f"moe_compile.parallel ({state.path}): FSDP2 reduces the dense gradients over {size} ranks, but the "
                 f"experts are sharded over {state.W} ranks with {state.DP} replica(s) each. Fix: fully_shard over "
                 "every rank that trains on its own data (the default mesh, or parallelize's 2D mesh), and pass "
                 "parallelize(model, mesh=...) (or group= with dp_group=) covering the same ranks")
-        factor = group.gradient_divide_factor
+        factor = distributed.fsdp_gradient_divide_factor(group)
         return float(size) if factor is None else float(factor)
     return None

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import kernels
+from ..compat import distributed
 from ..kernels.common import Weights, canonical_weights, weight_grads
 from ..ops.parallel import register_state, state_for  # noqa: F401  (state_for: re-exported)
 from ..spec import MoESpec
@@ -192,11 +193,9 @@ class ParallelState:
 
     def _ddp(self):
         """The DistributedDataParallel module whose forward is running (None outside DDP)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        ddp = distributed.active_ddp()
         if ddp is not None and id(ddp) not in self._ddp_checked:
-            managed = getattr(ddp, "_module_parameters", None) or list(ddp.parameters())
+            managed = distributed.ddp_parameters(ddp)
             if any(getattr(p, "_moe_replaced", False) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel was built before "
@@ -204,11 +203,11 @@ class ParallelState:
                     "(and would all-reduce the experts' gradients). Fix: call moe_compile.parallelize(model) first, "
                     "then DistributedDataParallel(model) (a new one now will do), then torch.compile")
             # sharded expert parameters (DDP must ignore them); replicated experts modules' are DDP's to all-reduce
-            if any(getattr(p, "_moe_expert", False) and getattr(p, "_ddp_ignored", False) for p in managed):
+            if any(getattr(p, "_moe_expert", False) and distributed.is_ddp_ignored(p) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel manages the sharded expert "
-                    "parameters: the names of the module it wraps are not those in "
-                    "model._ddp_params_and_buffers_to_ignore (a wrapper between DDP and the parallelized model other "
+                    "parameters: the names of the module it wraps are not those in the ignore list that "
+                    "parallelize set on the model for DDP (a wrapper between DDP and the parallelized model other "
                     "than one torch.compile, or the list was changed), so its construction broadcast rank 0's "
                     "expert shards to every rank. Fix: rebuild the model, moe_compile.parallelize(model), then "
                     "DistributedDataParallel(model), then torch.compile")

@@ -14,8 +14,8 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..compat import dynamo
 from ..spec import MoESpec
 from .graph import example_value
 
@@ -57,7 +57,7 @@ def region_mode(region: list[fx.Node], x: fx.Node, out: fx.Node) -> str:
     return mode_of(xv.dtype, gemm, ov.dtype if isinstance(ov, torch.Tensor) else None, cast_to)
 
 
-class _GemmDtypes(TorchDispatchMode):
+class _GemmDtypes(dynamo.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.dtypes: list[torch.dtype] = []
@@ -70,9 +70,7 @@ class _GemmDtypes(TorchDispatchMode):
 
 
 def _probe(spec: MoESpec, x_dtype, device, cast_to, run) -> str:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily(), torch.no_grad():
+    with dynamo.real_tensors(), torch.no_grad():
         E, k = spec.num_experts, max(1, min(spec.top_k, spec.num_experts))
         xs = torch.randn(2, spec.hidden, dtype=x_dtype, device=device)
         idx = torch.arange(2 * k, device=device).view(2, k) % E

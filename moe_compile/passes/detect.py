@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import activations, capture
+from ..compat import dynamo
 from ..kernels import aten
 from ..kernels.common import canonical_weights, make_plan
 from ..spec import MoESpec, RouterSpec
@@ -255,8 +256,6 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
     """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
     ``PARAM_DRAWS`` independent draws of random parameters shaped like ``params`` (their values are never read),
     each on two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     dtypes = {p.dtype for p in params.values()}
     if not all(d.is_floating_point for d in dtypes):
         return ExpertsMatch(None, reason=f"unsupported parameter dtypes {sorted(map(str, dtypes))}", pattern=pattern)
@@ -274,7 +273,7 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
     device = next(iter(params.values())).device
     best, failure = float("inf"), ""
     given = probes
-    with unset_fake_temporarily():
+    with dynamo.real_tensors():
         draws = [random_parameters(params, seed) for seed in range(PARAM_DRAWS)]
         # the shapes may allow several hidden sizes: probe each with inputs of that size
         for H in dict.fromkeys(kw["hidden"] for kw, _ in trials):
@@ -324,8 +323,6 @@ def with_top_k(spec: MoESpec, k: int, router: RouterSpec | None = None) -> MoESp
 def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int | None = None) -> ExpertsMatch:
     """Experts whose bodies are not MLPs: does ``module`` compute ``sum_j w[t, j] * experts[idx[t, j]](x[t])`` over
     its one ``nn.ModuleList`` (each expert mapping [n, H] -> [n, H] row by row)? Proven like the MLP readings."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     _, experts = find_expert_list(module)
     if experts is None:
         return ExpertsMatch(None, reason="no single nn.ModuleList of experts")
@@ -338,7 +335,7 @@ def detect_dispatch_combine(module: torch.nn.Module, top_k: int = 2, hidden: int
         return ExpertsMatch(None, reason="the hidden size of the experts' input is unknown")
     E, k = len(experts), max(1, min(top_k, len(experts)))
     pattern = f"dispatch + combine around {E} experts of your own code"
-    with unset_fake_temporarily():
+    with dynamo.real_tensors():
         worst = 0.0
         cases = [(draw, kk, seed) for draw in range(PARAM_DRAWS) for seed, kk in ((0, k), (1, min(E, k + 1)))]
         for draw, kk, seed in cases:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import capture
+from ..compat import dynamo
 from ..spec import MoESpec
 
 EXPERTS_CALL = torch.ops.moe_compile.experts_call.default
@@ -59,7 +60,7 @@ def weight_refs(placeholders) -> tuple:
     """Weak references to the live parameters behind Dynamo's parameter placeholders (for ``Region.weights``)."""
     out = []
     for p in placeholders:
-        ex = getattr(p.meta.get("grapharg"), "example", None) if isinstance(p, fx.Node) else None
+        ex = dynamo.live_value(p)
         if isinstance(ex, torch.nn.Parameter):
             out.append(weakref.ref(ex))
     return tuple(out)
@@ -81,11 +82,7 @@ def is_op(node: fx.Node, *names: str) -> bool:
         return node.target in names
     if node.op != "call_function":
         return False
-    t = node.target
-    tname = getattr(t, "__name__", "") or ""
-    if isinstance(t, torch._ops.OpOverload):
-        tname = t._schema.name.split("::")[-1]
-    return tname in names
+    return dynamo.op_name(node.target) in names
 
 
 def module_path(node: fx.Node) -> str:
@@ -97,10 +94,7 @@ def module_path(node: fx.Node) -> str:
 
 
 def clean_path(path: str) -> str:
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path or "<top>"
+    return dynamo.strip_root(path)
 
 
 def ancestors_of(node: fx.Node, stop: set | None = None) -> list[fx.Node]:
@@ -117,15 +111,10 @@ def ancestors_of(node: fx.Node, stop: set | None = None) -> list[fx.Node]:
     return out
 
 
-_MODULES = re.compile(r"\._modules\['([^']+)'\]")
-_PARAM = re.compile(r"^(.*)\._parameters\['([^']+)'\]$")
-
 def param_path(node: fx.Node):
-    ga = node.meta.get("grapharg")
-    if node.op != "placeholder" or ga is None:
-        return None
-    m = _PARAM.match(_MODULES.sub(r".\1", ga.source.name))
-    return (m.group(1), m.group(2)) if m else None  # ("L['self'].moe.experts.0.w1", "weight")
+    """``(module path, parameter name)`` of a parameter placeholder, e.g. ``("L['self'].moe.experts.0.w1",
+    "weight")``, or None."""
+    return dynamo.param_source(node)
 
 
 def expert_lists(gm: fx.GraphModule):
@@ -159,7 +148,7 @@ def _looks_like_experts(experts) -> bool:
 
 
 def live_value(placeholder: fx.Node) -> torch.Tensor:
-    return placeholder.meta["grapharg"].example
+    return dynamo.live_value(placeholder)
 
 
 def stack_paths(node: fx.Node) -> list[str]:

@@ -27,7 +27,8 @@ import torch.fx as fx
 
 from .autocast import region_mode, with_autocast
 from .detect import SLOTS, layer_candidates, prove, random_routing, stacked_candidates
-from .graph import EXPERTS_SLOTS, Region, ancestors_of, example_value, expert_lists, extract_region, module_path, weight_refs
+from .graph import (EXPERTS_SLOTS, Region, ancestors_of, example_value, expert_lists, extract_region, live_value,
+                    module_path, weight_refs)
 
 _LAYOUT_OPS = ("reshape", "view", "t", "transpose", "permute", "flatten", "contiguous")
 _LAYOUT_FUNCTIONS = (torch.reshape, torch.t, torch.transpose, torch.permute, torch.flatten)
@@ -216,8 +217,7 @@ def _pairs(gm: fx.GraphModule):
 
 
 def _is_param(node: fx.Node) -> bool:
-    ga = node.meta.get("grapharg") if node.op == "placeholder" else None
-    return ga is not None and isinstance(ga.example, torch.nn.Parameter)
+    return isinstance(live_value(node), torch.nn.Parameter)
 
 
 def _weights_only(node: fx.Node) -> bool:
@@ -331,7 +331,7 @@ def _probe_sizes(dshape) -> dict[int, int]:
 
 def _param_groups(params: list[fx.Node], gm: fx.GraphModule):
     """The experts' parameters as layer lists (ModuleList) or a name->tensor dict of stacked weights."""
-    live = {p.name: p.meta["grapharg"].example for p in params}
+    live = {p.name: live_value(p) for p in params}
     if any(t.dim() == 3 for t in live.values()):
         return "stacked", live, {p.name: p for p in params}
     for _, experts in expert_lists(gm).items():
@@ -390,7 +390,7 @@ def _candidates(params, gm):
     if kind is None:
         why = "the experts' parameters are neither stacked [E, ., .] nor one nn.ModuleList of MLPs"
         return None, None, None, set(), why
-    live = {n: p.meta["grapharg"].example for n, p in by_name.items()}
+    live = {n: live_value(p) for n, p in by_name.items()}
     rows = _row_biases(live) if kind == "stacked" else set()
     live = {n: t.detach()[:, 0] if n in rows else t for n, t in live.items()}
     cands, why = stacked_candidates(object(), live) if kind == "stacked" else layer_candidates(structure, live)

@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
+from ..compat import dynamo
 from ..ops.parallel import state_for
 from .autocast import region_mode, with_autocast
 from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
@@ -37,7 +38,7 @@ from ..spec import RouterSpec
 from .router import describe_router
 
 _SHAPE_OPS = ("reshape", "view", "view_as", "contiguous")
-_ROOT = "L['self']"  # the compiled module itself: Dynamo leaves its own nodes' module stack empty
+_ROOT = dynamo.ROOT  # the compiled module itself: Dynamo leaves its own nodes' module stack empty
 
 
 def _router(nodes: list[fx.Node], list_path: str | None, parent: str = "") -> set[fx.Node]:
@@ -223,7 +224,7 @@ def _list_group(experts):
                 names[bn] = ps["bias"]
             row.append((wn, bn))
         layers.append(row)
-    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    live = {n: live_value(p) for n, p in names.items()}
     cands, why = layer_candidates(layers, live)
     return names, cands, why
 
@@ -349,7 +350,7 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
         return None, None, "the region uses sizes other than the number of tokens (and tokens * k)"
     if not cands:
         return None, None, why
-    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    live = {n: live_value(p) for n, p in names.items()}
     sub = extract_region(region, [x, idx, w, *names.values()], out, sizes)
     order = list(names)
 
@@ -358,9 +359,7 @@ def _fuse_region(gm, region, names, cands, why, pattern, rewrite):
 
     k, E = int(example_value(idx).shape[-1]), cands[0].spec_kw["num_experts"]
     device = next(iter(live.values())).device
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():
+    with dynamo.real_tensors():
         probes = {H: _probes(E, k, H, _token_counts(x), device) for H in {c.spec_kw["hidden"] for c in cands}}
     H = int(example_value(x).shape[-1])
     if H not in probes:
@@ -397,7 +396,7 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
     if len(outputs) != 1 or tuple(example_value(outputs[0]).shape) != tuple(example_value(x).shape):
         return None, None, "the region does not map hidden [T, H] with scores [T, E] to one [T, H] output"
     out = outputs[0]
-    live = {n: p.meta["grapharg"].example for n, p in names.items()}
+    live = {n: live_value(p) for n, p in names.items()}
     sub = extract_region(region, [x, s, *names.values()], out)
     order = list(names)
 
@@ -405,9 +404,7 @@ def _fuse_dense(gm, region, names, cands, pattern, rewrite, floats, checks):
         return sub(xx, ww.t() if transposed else ww, *[params64[n] for n in order])
 
     device = next(iter(live.values())).device
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():
+    with dynamo.real_tensors():
         probes = []
         for px, _, pw in _probes(E, E, H, _token_counts(x), device):
             pw = pw * (torch.rand(pw.shape, generator=torch.Generator().manual_seed(3)) < 0.6).to(pw)  # some zeros

@@ -13,7 +13,9 @@ import operator
 import torch
 import torch.fx as fx
 
-_QUIET = {torch._C._set_grad_enabled}
+from ..compat import dynamo
+
+_QUIET = dynamo.GRAD_MODE_TARGETS
 _COPIES = ("clone", "contiguous")
 
 
