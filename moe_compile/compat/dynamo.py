@@ -274,17 +274,15 @@ def strip_root(path: str) -> str:
 
 
 def check_graph_args(gm: fx.GraphModule) -> str:
-    """"" when Dynamo's placeholders carry what the graph passes read (``meta["grapharg"]`` with the live value
-    and its source), else why not; checked on the first graph with a parameter placeholder."""
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        if "grapharg" not in node.meta:
-            return "Dynamo's graph placeholders carry no meta['grapharg'] (the live parameter behind each)"
-        if isinstance(live_value(node), torch.nn.Parameter):
-            if _source_name(node) is None:
-                return "Dynamo's graph arguments carry no source name (the parameter's path in the module)"
-            return ""
+    """"" when Dynamo's placeholders carry what the graph passes read (``meta["grapharg"]`` with the live value,
+    and a source name for each parameter), else why not. A graph without placeholders says nothing either way."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return ""
+    if not any("grapharg" in n.meta for n in placeholders):
+        return "Dynamo's graph placeholders carry no meta['grapharg'] (the live parameter behind each)"
+    if any(isinstance(live_value(n), torch.nn.Parameter) and _source_name(n) is None for n in placeholders):
+        return "Dynamo's graph arguments carry no source name (the parameter's path in the module)"
     return ""
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..compat import dynamo, turn_off
+
 from .blocks import fuse_block_calls
 from .experts_calls import fuse_experts_calls, report_prefused_calls
 from .graph import Region
@@ -27,10 +29,17 @@ PIPELINE = (fuse_block_calls, report_prefused_calls, fuse_experts_calls, fuse_sl
 
 
 def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:
-    """Run every pass over ``gm``; returns what each found."""
+    """Run every pass over ``gm``; returns what each found. A graph whose placeholders do not carry what the passes
+    read (``compat.dynamo.check_graph_args``) turns the passes over code traced inline off, loudly; captured calls
+    are still fused."""
+    why = dynamo.check_graph_args(gm)
+    if why:
+        turn_off("fusion of MoE code traced inline", f"{why}; only captured experts modules and blocks are fused")
     inline_identity_functions(gm)
     regions: list[Region] = []
     for fuse in PIPELINE:
+        if fuse in (fuse_slot_experts, fuse_inline_experts) and why:
+            continue
         if fuse is fuse_inline_experts:
             regions += fuse(gm, rewrite, skip=[r.module_path for r in regions])
         else:

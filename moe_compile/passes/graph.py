@@ -112,8 +112,8 @@ def ancestors_of(node: fx.Node, stop: set | None = None) -> list[fx.Node]:
 
 
 def param_path(node: fx.Node):
-    """``(module path, parameter name)`` of a parameter placeholder, e.g. ``("L['self'].moe.experts.0.w1",
-    "weight")``, or None."""
+    """``(module path, parameter name)`` of a parameter placeholder (the path as Dynamo names it, from the frame's
+    root: ``compat.dynamo.param_source``), or None."""
     return dynamo.param_source(node)
 
 
