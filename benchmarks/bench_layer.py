@@ -325,7 +325,7 @@ def run_shape(shape: Shape, args, dtype, device) -> dict:
 
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     print(f"\n## {shape.label()}  [{dtype}, {device}]", flush=True)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     variants, ours_block = make_variants(shape, dtype, device)
 
     # compile + warm up; ours first, so last_regions is its graph's

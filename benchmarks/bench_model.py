@@ -196,7 +196,7 @@ def run_model(shape: ModelShape, args) -> dict:
     import moe_compile.backend
 
     print(f"\n## {shape.label()}", flush=True)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     base = build_model(shape)
     torch.manual_seed(1)
     ids = torch.randint(0, shape.kw["vocab_size"], (shape.batch, shape.seq))
@@ -210,7 +210,7 @@ def run_model(shape: ModelShape, args) -> dict:
                                                                  f"{k} {x}" for k, x in e.items()))
     ok = ok and fused >= shape.kw["num_hidden_layers"]
     print(f"  -> {'OK' if ok else 'FAIL'} (tolerance 1e-4 on loss and gradients)", flush=True)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     vs = {n: Variant(n, base, ids, capture=(n != "inductor")) for n in VARIANTS}
     for n, v in vs.items():
         t0 = time.perf_counter()

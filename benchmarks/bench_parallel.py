@@ -129,7 +129,7 @@ def crossover_worker(cfg: dict) -> list[dict]:
                 parallel.parallelize(model, mode=mode, **({"tokens_per_call": T} if mode == "auto" else {}))
             run = DistributedDataParallel(model)
             if cfg["compiler"] != "none":
-                torch._dynamo.reset()  # a fresh cache per model: no recompile limit across the variants
+                torch.compiler.reset()  # a fresh cache per model: no recompile limit across the variants
                 run = torch.compile(run, backend="moe", options={"compiler": cfg["compiler"]})
             built[name] = (run, model)
         plan = [(v, built["sharded" if v in ("expert", "data") else v], v if v in ("expert", "data") else None)

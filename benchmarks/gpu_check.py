@@ -343,7 +343,7 @@ def check_model(m, device, dry) -> bool:
     ok = True
     for dn in ("fp32", "bf16"):
         dt = DTYPES[dn]
-        torch._dynamo.reset()
+        torch.compiler.reset()
         eager = build_block(shape, "eager", dt, device)
         ours = set_impl(copy.deepcopy(eager), "grouped_mm")
         compiled = torch.compile(ours, backend="moe", options={"compiler": "aot_eager" if dry else "inductor"})
@@ -468,7 +468,7 @@ def bench_layer_row(m, device, dry, name, T, H, F, E, k) -> tuple[str, float, fl
 
     shape = Shape(name, name, T, H, F, E, k)
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32  # (CPU: no bf16 grouped_mm needed)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     hf = build_block(shape, "grouped_mm", dt, device)
     ours_mod = set_impl(copy.deepcopy(hf), "grouped_mm")
     ours = torch.compile(ours_mod, backend="moe", options={"compiler": "aot_eager" if dry else "inductor"})
