@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compat import distributed
+from ..compat import distributed as torch_dist
 from .layout import ParallelError
 from .tags import parallel_states, unwrapped
 
@@ -47,7 +47,7 @@ def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
                 "parallelize, and parallelize the copy)")
 
     def ignored(p) -> bool:
-        sharded = getattr(p, "_moe_expert", False) and distributed.is_ddp_ignored(p)
+        sharded = getattr(p, "_moe_expert", False) and torch_dist.is_ddp_ignored(p)
         return sharded or getattr(p, "_moe_remote", False)  # a placeholder of another rank's expert
 
     return {p for m in root.modules() for p in m.parameters(recurse=False) if ignored(p)}

@@ -14,7 +14,7 @@ import weakref
 
 from torch import nn
 
-from ..compat import distributed
+from ..compat import distributed as torch_dist
 from .layout import ParallelError
 
 
@@ -84,16 +84,16 @@ def grad_divisor(state) -> float | None:
                 "ignored_params=moe_compile.fsdp_ignored_params(model) to every fully_shard call (the blocks and "
                 "the model)")
     for m in reversed(holders):
-        group = distributed.fsdp_param_group(m)
+        group = torch_dist.fsdp_param_group(m)
         if group is None:  # fully_shard on a module without parameters of its own: the next one out decides
             continue
-        size = distributed.fsdp_data_parallel_size(group)
+        size = torch_dist.fsdp_data_parallel_size(group)
         if size != state.W * state.DP:
             raise ParallelError(
                 f"moe_compile.parallel ({state.path}): FSDP2 reduces the dense gradients over {size} ranks, but the "
                 f"experts are sharded over {state.W} ranks with {state.DP} replica(s) each. Fix: fully_shard over "
                 "every rank that trains on its own data (the default mesh, or parallelize's 2D mesh), and pass "
                 "parallelize(model, mesh=...) (or group= with dp_group=) covering the same ranks")
-        factor = distributed.fsdp_gradient_divide_factor(group)
+        factor = torch_dist.fsdp_gradient_divide_factor(group)
         return float(size) if factor is None else float(factor)
     return None

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import scope
-from ..compat import distributed
+from ..compat import distributed as torch_dist
 from ..capture import run_own_code
 from ..kernels.common import canonical_weights, weight_grads
 from ..passes.autocast import eager_mode, with_autocast
@@ -126,7 +126,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     - Broadcasts each experts module's weights from the group's first rank (as DDP does for dense weights), then
       keeps this rank's part: ``E/W`` whole experts, or when ``E < W`` one expert's ``1/(W/E)`` hidden slice.
     - Tags the expert parameters (``is_expert_param``) and lists their names in
-      DDP's ignore list of ``model`` (``compat.distributed.set_ddp_ignored_names``), so DDP neither broadcasts nor all-reduces them.
+      DDP's ignore list of ``model`` (``compat.torch_dist.set_ddp_ignored_names``), so DDP neither broadcasts nor all-reduces them.
     - Replaces each experts module's forward with one ``moe_compile::parallel_experts`` call that runs ``mode``
       ("expert", "data", "tensor" when ``E < W``, or "auto"), switchable with :func:`set_parallel`.
     - A layer that dispatches inline (router + ``nn.ModuleList`` of experts + the loop in its forward) is traced
@@ -284,7 +284,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     choices = choose_layouts(found, mode, world0, L, run_rates, tokens_per_call, intra is not None,
                              dp_group is not None, unshardable)
     parents = {id(c): m for m in root.modules() for c in m.children()}
-    ignore = distributed.ddp_ignored_names(root)
+    ignore = torch_dist.ddp_ignored_names(root)
     for f, choice in zip(found, choices):
         if choice.layout == "replicated":
             replicate_module(f, choice, world0, run_rates, rates is not None, mode)
@@ -297,7 +297,7 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
         f.module._moe_parallel.layout_choice = choice
         if rates is not None:
             f.module._moe_parallel.rates, f.module._moe_parallel.rates_fixed = rates, True
-    distributed.set_ddp_ignored_names(root, ddp_ignore_names(ignore))
+    torch_dist.set_ddp_ignored_names(root, ddp_ignore_names(ignore))
     if notes:
         warnings.warn("moe_compile.parallelize: " + "; ".join(notes), stacklevel=2)
     return model

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import kernels
-from ..compat import distributed
+from ..compat import distributed as torch_dist
 from ..kernels.common import Weights, canonical_weights, weight_grads
 from ..ops.parallel import register_state, state_for  # noqa: F401  (state_for: re-exported)
 from ..spec import MoESpec
@@ -193,9 +193,9 @@ class ParallelState:
 
     def _ddp(self):
         """The DistributedDataParallel module whose forward is running (None outside DDP)."""
-        ddp = distributed.active_ddp()
+        ddp = torch_dist.active_ddp()
         if ddp is not None and id(ddp) not in self._ddp_checked:
-            managed = distributed.ddp_parameters(ddp)
+            managed = torch_dist.ddp_parameters(ddp)
             if any(getattr(p, "_moe_replaced", False) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel was built before "
@@ -203,7 +203,7 @@ class ParallelState:
                     "(and would all-reduce the experts' gradients). Fix: call moe_compile.parallelize(model) first, "
                     "then DistributedDataParallel(model) (a new one now will do), then torch.compile")
             # sharded expert parameters (DDP must ignore them); replicated experts modules' are DDP's to all-reduce
-            if any(getattr(p, "_moe_expert", False) and distributed.is_ddp_ignored(p) for p in managed):
+            if any(getattr(p, "_moe_expert", False) and torch_dist.is_ddp_ignored(p) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel manages the sharded expert "
                     "parameters: the names of the module it wraps are not those in the ignore list that "

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..compat import distributed
+from ..compat import distributed as torch_dist
 from .layout import ParallelError
 from .state import SLOTS, ParallelState
 
@@ -44,7 +44,7 @@ class ReplacedParameter(nn.Parameter):
     def grad(self, value):
         if value is not None:
             self.grad  # noqa: B018 - raises, naming the problem
-        distributed.clear_grad(self)
+        torch_dist.clear_grad(self)
 
 
 def mark_replaced(p: nn.Parameter, name: str) -> None:
@@ -52,7 +52,7 @@ def mark_replaced(p: nn.Parameter, name: str) -> None:
     also becomes a :class:`ReplacedParameter`, whose use by an optimizer raises."""
     p._moe_replaced = True
     p._moe_replaced_name = name
-    distributed.clear_grad(p)  # a gradient from before parallelize: of the unsharded weights
+    torch_dist.clear_grad(p)  # a gradient from before parallelize: of the unsharded weights
     if type(p) in (nn.Parameter, ExpertParameter):  # a subclass the user chose is left as it is
         p.__class__ = ReplacedParameter
 
@@ -64,17 +64,17 @@ def is_expert_param(p: torch.Tensor) -> bool:
 
 def ddp_ignore_names(names: list[str]) -> list[str]:
     """DDP's ignore list for expert parameter ``names``: each name as it is, and as it reads through a
-    ``torch.compile`` wrapper (``compat.distributed.COMPILED_PREFIX`` + name), so that a DDP built around the
+    ``torch.compile`` wrapper (``compat.torch_dist.COMPILED_PREFIX`` + name), so that a DDP built around the
     compiled model (``DistributedDataParallel(torch.compile(model))``) leaves the experts alone too."""
     out = list(dict.fromkeys(names))
-    pre = distributed.COMPILED_PREFIX
+    pre = torch_dist.COMPILED_PREFIX
     return out + [f"{pre}{n}" for n in out if not n.startswith(pre) and f"{pre}{n}" not in out]
 
 
 def unwrap_for_parallelize(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = distributed.compiled_inner(model) or model  # a torch.compile'd model: parallelize the module inside
+    model = torch_dist.compiled_inner(model) or model  # a torch.compile'd model: parallelize the module inside
     inner = vars(model).get("_modules", {}).get("module") if isinstance(model, DistributedDataParallel) else None
     if inner is not None and parallel_states(inner):
         raise ParallelError(
@@ -97,7 +97,7 @@ def tag(p: nn.Parameter, path: str, sharded: bool, key: str | None = None, slot:
     p._moe_expert = True
     p._moe_expert_module = path
     if sharded:  # what DistributedDataParallel._set_params_and_buffers_to_ignore_for_model sets (DDPOptimizer reads it)
-        distributed.mark_ddp_ignored(p)
+        torch_dist.mark_ddp_ignored(p)
     if key is not None:
         p._moe_parallel_key = key
         p._moe_slot = slot
@@ -202,7 +202,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     while True:
-        inner = distributed.compiled_inner(model)
+        inner = torch_dist.compiled_inner(model)
         if inner is None and isinstance(model, DistributedDataParallel):
             inner = model.module
         if inner is None:
