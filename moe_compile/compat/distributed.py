@@ -38,7 +38,9 @@ def compiled_inner(model: nn.Module) -> nn.Module | None:
 
 
 # --------------------------------------------------------------------------------------------- DDP
-_IGNORE = "_ddp_params_and_buffers_to_ignore"
+IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
+"""Where DDP reads the names it must leave alone (named in error messages)."""
+_IGNORE = IGNORE_ATTR
 
 
 def ddp_ignored_names(root: nn.Module) -> list[str]:

@@ -206,8 +206,8 @@ class ParallelState:
             if any(getattr(p, "_moe_expert", False) and torch_dist.is_ddp_ignored(p) for p in managed):
                 raise ParallelError(
                     f"moe_compile.parallel ({self.path}): DistributedDataParallel manages the sharded expert "
-                    "parameters: the names of the module it wraps are not those in the ignore list that "
-                    "parallelize set on the model for DDP (a wrapper between DDP and the parallelized model other "
+                    "parameters: the names of the module it wraps are not those in "
+                    f"model.{torch_dist.IGNORE_ATTR} (a wrapper between DDP and the parallelized model other "
                     "than one torch.compile, or the list was changed), so its construction broadcast rank 0's "
                     "expert shards to every rank. Fix: rebuild the model, moe_compile.parallelize(model), then "
                     "DistributedDataParallel(model), then torch.compile")
