@@ -9,8 +9,8 @@ record) or turns its feature off with a warning naming the torch version and wha
 settings scope); :func:`off` then lists the feature and ``moe_compile.explain`` prints ``capture off: <reason>``.
 Never a silent no-op.
 
-What is used, and why (torch 2.11.0, 2.13.0 and 2.15.0 with transformers 5.17.0, 5.25.0 and 5.25.0 are tested:
-``.ci/run``, ``tests/test_compat.py``):
+What is used, and why (tested: torch 2.13.0 + transformers 5.25.0, the whole suite; torch 2.11.0 + transformers
+5.17.0, the quickstart and the capture / scope / compat / call-order tests: ``.ci/run``, ``tests/test_compat.py``):
 
 ``dynamo.py``
 - ``torch._dynamo.convert_frame.compile_frame`` (by its parameters ``code``, ``globals``, ``locals``, ``closure``,
