@@ -8,8 +8,8 @@ the fused op when it recognises the module.
 
 Ways in (see also ``capture_blocks`` for HF MoE blocks outside experts modules):
 - ``@moe_compile.experts`` on a class with ``forward(hidden [T, H], topk_idx [T, k], topk_weights [T, k]) -> [T, H]``.
-- HF transformers experts modules (``@use_experts_implementation``): their implementation lookup is routed here while
-  compiling, whatever ``experts_implementation`` they are set to.
+- HF transformers experts modules (HF's experts-implementation decorator): their implementation lookup is routed
+  here while compiling (``compat.hf``), whatever ``experts_implementation`` they are set to.
 Capture happens only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope.active``): in eager
 mode, and under ``torch.compile`` with any other backend, these modules run exactly their own code.
 """
@@ -230,14 +230,10 @@ def experts(cls):
 
 
 def is_captured_class(module: torch.nn.Module) -> bool:
-    return getattr(type(module), "_moe_compile_experts", False) or _is_hf_experts(module)
+    return getattr(type(module), "_moe_compile_experts", False) or hf.is_experts_module(module)
 
 
 # --------------------------------------------------------------------------------------------- HF transformers
-def _is_hf_experts(module) -> bool:
-    return hf.is_experts_module(module)
-
-
 def _route_hf(fn):
     """What HF's experts lookup returns for an experts implementation ``fn``: ``fn``, or while a moe frame is
     traced, ``fn`` behind the capture."""

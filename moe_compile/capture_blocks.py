@@ -1,6 +1,6 @@
 """Capturing MoE blocks that are not HF experts modules: one graph node per call, fused where proven.
 
-Some HF transformers families keep their MoE outside ``@use_experts_implementation``: switch_transformers and
+Some HF transformers families keep their MoE outside HF's experts modules: switch_transformers and
 nllb_moe loop over ``expert_hit`` (a ``nonzero`` result) and over module names, dbrx loops over ``expert_hit`` with
 expert weights flattened to ``[E*F, H]``; Dynamo breaks the graph in those loops, so no block is whole in any graph.
 JetMoE's MoE block (its own parallel-experts modules, router inside) traces whole, but no pass reads it inline:

@@ -40,12 +40,11 @@ def compiled_inner(model: nn.Module) -> nn.Module | None:
 # --------------------------------------------------------------------------------------------- DDP
 IGNORE_ATTR = "_ddp_params_and_buffers_to_ignore"
 """Where DDP reads the names it must leave alone (named in error messages)."""
-_IGNORE = IGNORE_ATTR
 
 
 def ddp_ignored_names(root: nn.Module) -> list[str]:
     """The names DDP will leave alone when built around ``root`` (its ignore list)."""
-    return list(getattr(root, _IGNORE, []))
+    return list(getattr(root, IGNORE_ATTR, []))
 
 
 def set_ddp_ignored_names(root: nn.Module, names: list[str]) -> None:

@@ -4,7 +4,7 @@ An experts module has the contract ``forward(hidden [T, H], topk_idx [T, k], top
 Found, in this order:
 
 1. modules the capture already knows: classes decorated with ``@moe_compile.experts`` and HF transformers experts
-   modules (``@use_experts_implementation``);
+   modules (HF's experts-implementation decorator);
 2. modules whose ``forward`` takes exactly three arguments and that hold stacked ``[E, ., .]`` weights or one
    ``nn.ModuleList`` of MLP experts (2-3 ``nn.Linear`` each);
 3. with ``example_inputs``: any module the model calls with the experts contract's arguments (a ``[T, H]`` float, a

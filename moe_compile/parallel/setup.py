@@ -126,7 +126,8 @@ def parallelize(model: nn.Module, mode: str = "auto", group=None, example_inputs
     - Broadcasts each experts module's weights from the group's first rank (as DDP does for dense weights), then
       keeps this rank's part: ``E/W`` whole experts, or when ``E < W`` one expert's ``1/(W/E)`` hidden slice.
     - Tags the expert parameters (``is_expert_param``) and lists their names in
-      DDP's ignore list of ``model`` (``compat.torch_dist.set_ddp_ignored_names``), so DDP neither broadcasts nor all-reduces them.
+      DDP's ignore list of ``model`` (``compat.distributed.set_ddp_ignored_names``), so DDP neither broadcasts
+      nor all-reduces them.
     - Replaces each experts module's forward with one ``moe_compile::parallel_experts`` call that runs ``mode``
       ("expert", "data", "tensor" when ``E < W``, or "auto"), switchable with :func:`set_parallel`.
     - A layer that dispatches inline (router + ``nn.ModuleList`` of experts + the loop in its forward) is traced

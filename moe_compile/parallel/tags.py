@@ -64,7 +64,7 @@ def is_expert_param(p: torch.Tensor) -> bool:
 
 def ddp_ignore_names(names: list[str]) -> list[str]:
     """DDP's ignore list for expert parameter ``names``: each name as it is, and as it reads through a
-    ``torch.compile`` wrapper (``compat.torch_dist.COMPILED_PREFIX`` + name), so that a DDP built around the
+    ``torch.compile`` wrapper (``compat.distributed.COMPILED_PREFIX`` + name), so that a DDP built around the
     compiled model (``DistributedDataParallel(torch.compile(model))``) leaves the experts alone too."""
     out = list(dict.fromkeys(names))
     pre = torch_dist.COMPILED_PREFIX
