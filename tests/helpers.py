@@ -1,6 +1,8 @@
 """Shared builders and checks for the tests."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 HF_FAMILIES = {
@@ -120,3 +122,23 @@ def recording_backend(name: str = "recording"):
             return self.inner.plan(idx, num_experts)
 
     return Recording()
+
+
+@functools.lru_cache(maxsize=None)
+def hf_experts_take_dropped_ids() -> bool:
+    """Does this transformers' eager experts code accept the "dropped" expert id E (transformers 5.25 does; 5.17's
+    ``one_hot(top_k_index, num_classes=E)`` raises)? Where it does not, HF experts cannot be the reference for
+    dropped routings."""
+    import transformers
+
+    cfg = transformers.MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=2, num_experts_per_tok=1)
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    experts = MixtralExperts(cfg)
+    experts.set_experts_implementation("eager") if hasattr(experts, "set_experts_implementation") else None
+    try:
+        with torch.no_grad():
+            experts(torch.zeros(2, 8), torch.tensor([[0], [2]]), torch.ones(2, 1))
+        return True
+    except RuntimeError:
+        return False

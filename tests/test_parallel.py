@@ -20,6 +20,7 @@ from moe_compile import parallel as mp_
 from moe_compile.kernels.common import Weights
 from moe_compile.parallel import cost, dispatch
 import parallel_harness as testing
+from helpers import hf_experts_take_dropped_ids
 from moe_compile.parallel.layout import Layout, ParallelError
 
 TOL = 1e-5
@@ -318,6 +319,8 @@ def test_random_configurations(pool2, pool4, data):
     tokens = data.draw(st.lists(st.integers(0, 9), min_size=W, max_size=W), label="tokens")
     routing = data.draw(st.sampled_from(["router", "one", "drop"]), label="routing")
     kind = data.draw(st.sampled_from(["stacked", "stacked_bias", "list", "mixtral"]), label="kind")
+    if kind == "mixtral" and routing == "drop" and not hf_experts_take_dropped_ids():
+        routing = "router"  # HF's eager experts code (the reference) rejects the dropped id on this transformers
     modes = data.draw(st.permutations(_modes(E, W) + ["auto"]), label="modes")
     pool = pool2 if W == 2 else pool4
     case = dict(kind=kind, E=E, k=k, tokens=tokens, routing=routing, modes=list(modes), layers=1,
