@@ -10,7 +10,7 @@ only while Dynamo traces a frame for the ``moe`` backend (``moe_compile.scope``)
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers the moe_compile:: ops)
-from . import capture, capture_blocks, compat, scope
+from . import capture, capture_blocks, capture_found, compat, scope
 from .backend import moe_backend
 from .passes import fuse_moe
 from .capture import experts
@@ -30,6 +30,7 @@ def install_capture() -> None:
         compat.turn_off("HF experts capture", f"{why}; HF experts modules run their own code, unfused")
     scope.on_moe_frame(capture_blocks.install)  # HF MoE blocks that are not experts modules (switch, nllb, dbrx)
     scope.on_moe_frame(capture.register_roots)  # after the classes are patched: the modules to capture, by key
+    scope.on_moe_frame(capture_found.register_roots)  # MoE blocks of any class, found by structure
 
 
 install_capture()

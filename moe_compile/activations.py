@@ -2,7 +2,7 @@
 
 A new activation is one row here (its torch forward and ``g -> (act(g), act'(g))``), plus a branch in the Triton
 kernels' ``_act`` / ``_act_grad`` under its ``code`` if it should run there. The spec (``MoESpec.activation``), the
-ATen path, the Triton launchers and the proof's readings (``passes/detect.py``) all read this table.
+ATen path, the Triton launchers and the proof's readings (``recognise/experts.py``) all read this table.
 
 ``swiglu_oai`` is GPT-OSS's clamped SwiGLU, gated only, with two parameters (``MoESpec.act_alpha``,
 ``act_limit``): ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``;

@@ -71,7 +71,8 @@ NOT_REGISTERED = ("the module was not reachable from the compiled frame (its loc
                   "trace began, so no captured call can find it; compile a function or module that holds it")
 
 
-def _modules_in(obj):
+def modules_in(obj):
+    """The modules among ``obj`` (a module, or a list, tuple or dict holding modules)."""
     if isinstance(obj, torch.nn.Module):
         yield obj
     elif isinstance(obj, (list, tuple)):
@@ -86,7 +87,7 @@ def register_roots(roots) -> None:
     (``scope.on_moe_frame``)."""
     seen = set()
     for obj in roots:
-        for root in _modules_in(obj):
+        for root in modules_in(obj):
             if id(root) in seen:
                 continue
             seen.add(id(root))

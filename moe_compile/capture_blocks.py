@@ -10,7 +10,7 @@ Which classes are captured is decided by name (as HF's decorator does); WHAT the
 traces a frame for the ``moe`` backend (``scope.active()``), a call of such a module becomes
 ``moe_compile::block_call(x, a, b, params, key)``, whose implementation runs the module's own forward (eager
 numerics; its backward is ``torch.func.vjp`` of that code). :func:`fuse_block_calls` then replaces a node by the
-fused op only when a float64 proof on random parameters of the same shapes (``detect.prove``) shows that the fused
+fused op only when a float64 proof on random parameters of the same shapes (``recognise.experts.prove``) shows that the fused
 form equals the module's code, for the reading of the call's arguments the class's kind names:
 
 - ``mask``: ``forward(x [T, H], mask [T, j, E], w [T, j])``: ``out[t] = sum_{j, e: mask[t, j, e] != 0} w[t, j] *

@@ -10,6 +10,8 @@ import torch
 from . import compat
 from .compat import dynamo
 from .passes import Region, fuse_moe
+from .recognise.block_proof import match_of
+from .recognise.structure import find_blocks
 from .scope import moe_scope
 
 
@@ -42,47 +44,12 @@ class Report:
         return "\n".join(lines)
 
 
-def _is_mlp(m: torch.nn.Module) -> bool:
-    lins = [c for c in m.modules() if isinstance(c, torch.nn.Linear)]
-    return 2 <= len(lins) <= 3 or any(p.dim() == 2 for p in m.parameters(recurse=False))
-
-
 def moe_like_blocks(model: torch.nn.Module, routed_only: bool = False) -> dict[str, str]:
-    """{module path: what it holds} for every module that looks like an MoE block from its structure alone: a list
-    or dict of two or more alike expert MLPs, or stacked ``[E, ., .]`` weights, together with the router (a Linear
-    with E outputs) when one sits beside them. Used so that explain lists every such block, also one that no graph
-    holds whole (split by a graph break, or never traced). ``routed_only``: only blocks with a router beside their
-    experts (what ``parallelize`` must either shard or refuse)."""
-    out = {}
-    named = dict(model.named_modules())
-    for path, m in named.items():
-        E = None
-        if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-            kids = list(m.children())
-            if len(kids) >= 2 and len({type(k) for k in kids}) == 1 and all(_is_mlp(k) for k in kids):
-                E, what = len(kids), f"{len(kids)} experts ({type(kids[0]).__name__})"
-        else:
-            shapes = [p.shape for p in m.parameters(recurse=False) if p.dim() == 3]
-            if len(shapes) >= 2 and len({s[0] for s in shapes}) == 1 and shapes[0][0] >= 2:
-                E, what = shapes[0][0], f"stacked weights of {shapes[0][0]} experts"
-        if E is None:
-            continue
-        # the block: the closest ancestor holding a router (a Linear with E outputs outside the experts)
-        inside = [n for n, c in named.items() if isinstance(c, torch.nn.Linear) and c.out_features == E
-                  and (n == path or n.startswith(path + ".") or not path)]
-        routers = [n for n, c in named.items() if isinstance(c, torch.nn.Linear) and c.out_features == E
-                   and n not in inside]
-        parts, block, routed = path.split("."), path, bool(inside) and not isinstance(m, torch.nn.ModuleList)
-        for i in range(len(parts) - 1, -1, -1):
-            if routed:  # stacked weights with their router in the same module: that module is the block
-                break
-            anc = ".".join(parts[:i])
-            if any(not anc or r.startswith(anc + ".") for r in routers):
-                block, routed = anc, True
-                break
-        if routed or not routed_only:
-            out.setdefault(block or "<top>", what)
-    return out
+    """{module path: what it holds} for every candidate MoE block of ``model`` found from its structure alone
+    (``recognise.structure.find_blocks``: a router ``[E, H]`` beside E experts), so that explain lists every such
+    block, also one that no graph holds whole. Experts without a router beside them are no candidate (every
+    candidate is routed; ``routed_only`` is kept for callers that ask for exactly that)."""
+    return {b.path or "<top>": b.describe() for b in find_blocks(model)}
 
 
 def _root_path(model: torch.nn.Module, region: Region) -> str | None:
@@ -160,13 +127,19 @@ def explain(model, *args, **kwargs) -> Report:
         if r.module_path == "<top>" or r.module_path not in modules:
             path = _root_path(model, r)
             r.module_path = path if path is not None else r.module_path
-    for path, what in moe_like_blocks(model).items():
-        if not _covered(path, report.regions):
-            why = ("no traced graph holds it whole: " + report.break_reasons[0].splitlines()[0]
-                   if report.break_reasons else "Dynamo traced no graph that holds it")
-            report.regions.append(Region(path, f"MoE-like block ({what})", False,
-                                         f"{why}; capture its experts whole with @moe_compile.experts on a module "
-                                         "with forward(hidden, topk_idx, topk_weights), or remove the graph break"))
+    for b in find_blocks(model):
+        path = b.path or "<top>"
+        if _covered(path, report.regions):
+            continue
+        match = match_of(model.get_submodule(b.path))
+        breaks = ("no traced graph holds it whole: " + report.break_reasons[0].splitlines()[0]
+                  if report.break_reasons else "Dynamo traced no graph that holds it")
+        if match is not None and not match.ok:
+            why = f"found by structure, not fused: {match.reason}; its own code ran ({breaks})"
+        else:
+            why = (f"{breaks}; capture its experts whole with @moe_compile.experts on a module with "
+                   "forward(hidden, topk_idx, topk_weights), or remove the graph break")
+        report.regions.append(Region(path, f"MoE-like block ({b.describe()})", False, why))
     from .parallel import parallel_report
 
     report.parallel = parallel_report(model)

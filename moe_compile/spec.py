@@ -1,6 +1,6 @@
 """The one description of a matched MoE block.
 
-Detection (``moe_compile.passes.detect``) fills a :class:`MoESpec`; the ops and kernel backends
+Detection (``moe_compile.recognise``) fills a :class:`MoESpec`; the ops and kernel backends
 (``moe_compile.ops``, ``moe_compile.kernels``) read it.
 The spec travels inside the graph as a JSON string argument of the ``moe_compile::`` ops, so it must stay a
 plain, hashable, JSON-serialisable value.

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import moe_compile
 from helpers import out_and_grads as _step, count_op_calls, grads_equal, rel_err
 from models import DecoratedLoopExperts, GatherExperts, LoopExperts, MoELayer, Net, NormedExperts
-from moe_compile.passes.detect import SLOTS, detect_experts_module
+from moe_compile.recognise.experts import SLOTS, detect_experts_module
 
 
 

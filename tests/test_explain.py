@@ -1,10 +1,12 @@
 """explain lists every MoE-like block, fused or not, also one that no graph holds whole."""
+import pytest
 import torch
 import torch.nn as nn
 
 import moe_compile
 from helpers import grads_equal, out_and_grads, rel_err
 from models import MLP, InlineMoE, Net
+from moe_compile import capture_found
 from moe_compile.explain import moe_like_blocks
 
 
@@ -43,21 +45,29 @@ class UniqueLoopMoE(nn.Module):
 
 
 def test_structural_scan_finds_blocks():
-    assert moe_like_blocks(Net(InlineMoE(4, 8, 12, 2), 8)) == {"moe": "4 experts (MLP)"}
+    assert moe_like_blocks(Net(InlineMoE(4, 8, 12, 2), 8)) == {"moe": "router [4, 8] (gate.weight), 4 experts (experts)"}
     assert list(moe_like_blocks(Net(UniqueLoopMoE(), 8))) == ["moe"]
     assert moe_like_blocks(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))) == {}
 
 
-def test_block_split_by_graph_break_is_listed_and_stays_equal():
+@pytest.mark.parametrize("found", [True, False], ids=["captured_by_structure", "structure_capture_off"])
+def test_block_split_by_graph_break_is_listed_and_stays_equal(found, monkeypatch):
+    """Captured by structure, the graph break inside the block is never traced and the block fuses; with that
+    capture off, Dynamo breaks the graph inside it: still listed (unfused, with the break), and equal to eager."""
+    monkeypatch.setattr(capture_found, "ENABLED", found)
     for moe in (BrokenMoE(4, 8, 12, 2), UniqueLoopMoE()):
         torch.manual_seed(0)
         model = Net(moe, 8)
         x = torch.randn(2, 5, 8)
         report = moe_compile.explain(model, x)
-        assert report.graph_breaks >= 1
         rows = [r for r in report.regions if r.module_path == "moe"]
-        assert len(rows) == 1 and not rows[0].fused and "graph" in rows[0].reason, str(report)
-        assert "MoE-like block" in str(report)
+        if found:
+            assert report.graph_breaks == 0 and len(rows) == 1 and rows[0].fused, str(report)
+            assert "found by structure" in rows[0].pattern
+        else:
+            assert report.graph_breaks >= 1
+            assert len(rows) == 1 and not rows[0].fused and "graph" in rows[0].reason, str(report)
+            assert "MoE-like block" in str(report)
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="moe", options={"compiler": "aot_eager"})
         (o0, g0), (o1, g1) = out_and_grads(model, x), out_and_grads(compiled, x)

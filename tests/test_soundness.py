@@ -154,7 +154,7 @@ def test_hf_zero_down_proj():
 
 def test_proof_ignores_parameter_values():
     """The same module proven with any values of its weights gives the same reading (proof on random draws)."""
-    from moe_compile.passes.detect import detect_experts_module
+    from moe_compile.recognise.experts import detect_experts_module
 
     m = LoopExperts(E, H, FF, act="relu", gated=False)
     first = detect_experts_module(m, top_k=K)

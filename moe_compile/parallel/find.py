@@ -12,7 +12,7 @@ Found, in this order:
    tensors (or on the real inputs under ``no_grad`` when the model's own code needs real values). The calls seen
    also give ``k`` and the tokens per call (``Found.tokens``), which ``auto`` costs its layout choice by.
 
-Each candidate goes through ``passes.detect.recognise_module``, the recognition the backend uses (the same proof on
+Each candidate goes through ``recognise.experts.recognise_module``, the recognition the backend uses (the same proof on
 random parameters, the same cache): that is what fills the spec and the parameter slots. A module found by its shape
 alone (three forward arguments and 3D weights, say) that is not proven to be experts is left alone, with a note.
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import capture
 from ..compat import dynamo
-from ..passes.detect import ExpertsMatch, recognise_module
+from ..recognise.experts import ExpertsMatch, recognise_module
 
 
 @dataclass

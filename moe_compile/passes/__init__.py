@@ -2,6 +2,7 @@
 place (``rewrite=True``) or only reports (``rewrite=False``, for ``explain``), returning the regions it found.
 
 1. ``normalise.inline_identity_functions``: value- and gradient-preserving spellings made plain (always runs);
+   ``found.report_found_blocks``: blocks found by structure, traced fused already (``capture_found``), reported;
 2. ``blocks.fuse_block_calls``: HF MoE blocks captured whole (``capture_blocks``);
 3. ``experts_calls.report_prefused_calls``: experts calls already fused by the model's forward (parallelized
    experts modules), reported as they are; ``experts_calls.fuse_experts_calls``: captured experts modules;
@@ -16,6 +17,7 @@ import torch.fx as fx
 from ..compat import dynamo, turn_off
 
 from .blocks import fuse_block_calls
+from .found import report_found_blocks
 from .experts_calls import fuse_experts_calls, report_prefused_calls
 from .graph import Region
 from .gshard import fuse_slot_experts
@@ -25,7 +27,7 @@ from .unfused import report_unfused_topk
 
 __all__ = ["PIPELINE", "Region", "fuse_moe"]
 
-PIPELINE = (fuse_block_calls, report_prefused_calls, fuse_experts_calls, fuse_slot_experts, fuse_inline_experts)
+PIPELINE = (report_found_blocks, fuse_block_calls, report_prefused_calls, fuse_experts_calls, fuse_slot_experts, fuse_inline_experts)
 
 
 def fuse_moe(gm: fx.GraphModule, rewrite: bool = True) -> list[Region]:

@@ -1,7 +1,7 @@
 """``moe_compile::block_call`` nodes (``moe_compile.capture_blocks``) -> the fused experts op, where proven.
 
 For each captured block the reading its kind names (see ``capture_blocks``) is enumerated from the parameter shapes
-and proven with ``detect.prove``: the fused computation, fed through the same argument conversion the rewritten
+and proven with ``recognise.experts.prove``: the fused computation, fed through the same argument conversion the rewritten
 graph uses, must equal the module's own forward in float64 on random parameters and random routings. A node
 without a proof keeps running the module's own code, and its region says why.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import capture, capture_blocks
 from ..spec import RouterSpec
-from .detect import (SLOTS, ExpertsMatch, cached_proof, module_layers, stacked_candidates, layer_candidates, prove,
+from ..recognise.experts import (SLOTS, ExpertsMatch, cached_proof, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
 from .graph import BLOCK_CALL, EXPERTS, FUSED_TARGETS, Region, captured_calls, clean_path, module_path
 from .router import describe_router

@@ -1,5 +1,5 @@
 """Captured experts modules (``moe_compile::experts_call`` nodes) -> ``moe_compile::experts`` when the module is
-recognised (``detect.recognise_module``), or ``moe_compile::dispatch_combine`` around expert bodies of the user's own
+recognised (``recognise.experts.recognise_module``), or ``moe_compile::dispatch_combine`` around expert bodies of the user's own
 code; the router upstream is described (``describe_router``) but stays in the graph. Experts calls that arrive
 fused (``graph.PREFUSED``: a parallelized experts module's ``moe_compile::parallel_experts``) are reported as they
 are."""
@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from ..capture import run_own_code
 from .autocast import module_mode, with_autocast
-from .detect import SLOTS, recognise_module, with_top_k
+from ..recognise.experts import SLOTS, recognise_module, with_top_k
 from .graph import DISPATCH_COMBINE, EXPERTS, EXPERTS_CALL, PREFUSED, Region, captured_calls, module_path, weight_refs
 from .router import describe_router
 

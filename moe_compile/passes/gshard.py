@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .autocast import region_mode, with_autocast
-from .detect import SLOTS, layer_candidates, prove, random_routing, stacked_candidates
+from ..recognise.experts import SLOTS, layer_candidates, prove, random_routing, stacked_candidates
 from .graph import (EXPERTS_SLOTS, Region, ancestors_of, example_value, expert_lists, extract_region, live_value,
                     module_path, weight_refs)
 

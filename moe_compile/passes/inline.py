@@ -11,7 +11,7 @@ loop. ``fuse_inline_experts(gm)``:
    ``[T, k]`` and the experts' parameters (or hidden and dense ``[T, E]`` scores, Llama-4: then ``k = E``), and its
    output one ``[T, H]`` tensor; in-place updates of module buffers (torchtitan's token counts) and a shared expert
    the routed output is added into stay outside the region;
-4. runs the region itself, extracted as a graph, in float64 as the reference for ``detect.prove``;
+4. runs the region itself, extracted as a graph, in float64 as the reference for ``recognise.experts.prove``;
 5. replaces the region with ``moe_compile::experts`` when the proof holds; otherwise leaves it and says why.
 
 A ModuleList that ``moe_compile.parallelize`` sharded holds this rank's experts and, in the other experts' places,
@@ -30,7 +30,7 @@ import torch.fx as fx
 from ..compat import dynamo
 from ..ops.parallel import state_for
 from .autocast import region_mode, with_autocast
-from .detect import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
+from ..recognise.experts import SLOTS, Candidate, layer_candidates, prove, stacked_candidates, with_top_k
 from .graph import (EXPERTS, Region, ancestors_of, clean_path, example_value, experts_ops, expert_lists,
                     extract_region, is_op, live_value, parallel_experts_op, param_path, size_checks, stack_paths,
                     weight_refs)

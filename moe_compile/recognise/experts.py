@@ -56,7 +56,8 @@ def _act_order(module) -> list[str]:
     return activations.reading_order(hint)
 
 
-def _swiglu_params(module):
+def swiglu_params(module):
+    """GPT-OSS's clamped SwiGLU ``(alpha, limit)`` when ``module`` states them, else None."""
     alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
     if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
         return float(alpha), float(limit)
@@ -212,7 +213,9 @@ def _module_output(module, params64, x, idx, w):
     return capture.run_own_code(module, params64, (x, idx, w))
 
 
-def _fused_output(spec: MoESpec, slots, params64, x, idx, w):
+def fused_output(spec: MoESpec, slots, params64, x, idx, w):
+    """What ``spec`` computes on ``(x, idx, w)`` with the weights ``params64[slots[...]]`` (the ATen definition, no
+    autograd)."""
     lists = [[params64[n] for n in slots[s]] for s in SLOTS]
     # the ATen backend defines what a spec computes (float64 here); the others are tested against it
     wts = canonical_weights(spec, *lists)
@@ -249,16 +252,12 @@ def detect_experts_module(module: torch.nn.Module, top_k: int = 2) -> ExpertsMat
     def reference(params64, x, idx, w):
         return _module_output(module, params64, x, idx, w)
 
-    return prove(cands, params, reference, top_k, pattern, act_hint=module, swiglu=_swiglu_params(module))
+    return prove(cands, params, reference, top_k, pattern, act_hint=module, swiglu=swiglu_params(module))
 
 
-def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None, probes=None) -> ExpertsMatch:
-    """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
-    ``PARAM_DRAWS`` independent draws of random parameters shaped like ``params`` (their values are never read),
-    each on two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
-    dtypes = {p.dtype for p in params.values()}
-    if not all(d.is_floating_point for d in dtypes):
-        return ExpertsMatch(None, reason=f"unsupported parameter dtypes {sorted(map(str, dtypes))}", pattern=pattern)
+def expert_trials(cands, act_hint=None, swiglu=None) -> list[tuple[dict, dict]]:
+    """``(MoESpec keywords, slots)`` for every candidate reading times every activation, in the order the hints
+    (``act_fn``, GPT-OSS's ``alpha`` / ``limit``) rank them; at most ``_MAX_CANDIDATES``."""
     acts = _act_order(act_hint)
     trials = []
     for c in cands:
@@ -268,7 +267,17 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
             if a == "swiglu_oai":
                 kw.update(act_alpha=swiglu[0], act_limit=swiglu[1])
             trials.append((kw, c.slots))
-    trials = trials[:_MAX_CANDIDATES]
+    return trials[:_MAX_CANDIDATES]
+
+
+def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swiglu=None, probes=None) -> ExpertsMatch:
+    """The first candidate reading whose fused computation equals ``reference(params64, x, idx, w)`` in float64 on
+    ``PARAM_DRAWS`` independent draws of random parameters shaped like ``params`` (their values are never read),
+    each on two independent random routings (or on ``probes``, a list of float64 ``(x, idx, w)``)."""
+    dtypes = {p.dtype for p in params.values()}
+    if not all(d.is_floating_point for d in dtypes):
+        return ExpertsMatch(None, reason=f"unsupported parameter dtypes {sorted(map(str, dtypes))}", pattern=pattern)
+    trials = expert_trials(cands, act_hint, swiglu)
 
     device = next(iter(params.values())).device
     best, failure = float("inf"), ""
@@ -300,7 +309,7 @@ def prove(cands, params, reference, top_k: int, pattern: str, act_hint=None, swi
                 spec = MoESpec(top_k=k, pattern=pattern, **kw)
                 worst = 0.0
                 for (draw, probe), ref in zip(cases, refs):
-                    worst = max(worst, _relative_error(_fused_output(spec, slots, draw, *probe), ref))
+                    worst = max(worst, _relative_error(fused_output(spec, slots, draw, *probe), ref))
                     if worst > _TOL:
                         break
                 best = min(best, worst)
