@@ -80,9 +80,7 @@ def _traced(block: torch.nn.Module, reading: tuple, x: Tensor) -> Tensor:
     """What Dynamo traces for a proven block: ``fused_block`` with the block's own tensors and shared children."""
     tensors = dict(block.named_parameters())
     tensors.update(dict(block.named_buffers()))
-    shared = reading[9]
-    calls = {name: block.get_submodule(name) for name in shared}
-    return fused_block(x, tensors, calls, *reading)
+    return fused_block(x, tensors, block.get_submodule, *reading)
 
 
 def _patch(cls) -> None:
@@ -106,7 +104,3 @@ def _patch(cls) -> None:
     cls._moe_compile_found = True
     cls._moe_compile_original_forward = original
 
-
-def structure_of(module: torch.nn.Module) -> BlockStructure | None:
-    """The structure a registered block was found with (None if it was not)."""
-    return _STRUCTURE.get(module)

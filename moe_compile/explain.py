@@ -44,11 +44,10 @@ class Report:
         return "\n".join(lines)
 
 
-def moe_like_blocks(model: torch.nn.Module, routed_only: bool = False) -> dict[str, str]:
+def moe_like_blocks(model: torch.nn.Module) -> dict[str, str]:
     """{module path: what it holds} for every candidate MoE block of ``model`` found from its structure alone
     (``recognise.structure.find_blocks``: a router ``[E, H]`` beside E experts), so that explain lists every such
-    block, also one that no graph holds whole. Experts without a router beside them are no candidate (every
-    candidate is routed; ``routed_only`` is kept for callers that ask for exactly that)."""
+    block, also one that no graph holds whole. Experts without a router beside them are no candidate."""
     return {b.path or "<top>": b.describe() for b in find_blocks(model)}
 
 

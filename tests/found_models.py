@@ -11,14 +11,18 @@ import torch.nn.functional as F
 from models import MLP
 
 
-class BincountLoopMoE(nn.Module):
-    """``counts = bincount(idx).tolist()`` then a loop that skips empty experts; tokens sorted by expert."""
+class GateListMoE(nn.Module):
+    """What several styles below share: a bias-free ``gate`` Linear, a ModuleList of gated MLP experts, ``k``."""
 
     def __init__(self, E=4, H=8, F_=12, k=2):
         super().__init__()
         self.gate = nn.Linear(H, E, bias=False)
         self.experts = nn.ModuleList(MLP(H, F_) for _ in range(E))
         self.k = k
+
+
+class BincountLoopMoE(GateListMoE):
+    """``counts = bincount(idx).tolist()`` then a loop that skips empty experts; tokens sorted by expert."""
 
     def forward(self, x):
         shape = x.shape
@@ -67,16 +71,13 @@ class OneHotMoE(nn.Module):
         return out.reshape(B, S, H)
 
 
-class GatherSharedMoE(nn.Module):
+class GatherSharedMoE(GateListMoE):
     """Experts' input gathered through ``arange``-expanded indices; the routed output ``scatter_add_``-ed into the
     shared expert's output."""
 
     def __init__(self, E=4, H=8, F_=12, k=2):
-        super().__init__()
-        self.gate = nn.Linear(H, E, bias=False)
-        self.experts = nn.ModuleList(MLP(H, F_) for _ in range(E))
+        super().__init__(E, H, F_, k)
         self.shared_expert = MLP(H, 2 * F_)
-        self.k = k
 
     def forward(self, x):
         shape = x.shape
@@ -173,15 +174,9 @@ class ThresholdMoE(nn.Module):
         return out.reshape(shape)
 
 
-class DetachedRouterMoE(nn.Module):
+class DetachedRouterMoE(GateListMoE):
     """The routing weights ``.detach()``-ed: the router gets no gradient (in eager too); every output reading
     matches, the gradient check tells it apart (stays as it is)."""
-
-    def __init__(self, E=4, H=8, F_=12, k=2):
-        super().__init__()
-        self.gate = nn.Linear(H, E, bias=False)
-        self.experts = nn.ModuleList(MLP(H, F_) for _ in range(E))
-        self.k = k
 
     def forward(self, x):
         shape = x.shape

@@ -33,13 +33,18 @@ def _compiled_matches_eager(model, x, steps=2):
         assert torch.equal(b0, b1), n
 
 
-@pytest.mark.parametrize("style", sorted(FUSED_STYLES))
-def test_style_fuses_and_equals_eager(style):
+def _explained(block_cls):
+    """``(model, x, report, the report's rows for the block)`` for ``Net(block_cls())``."""
     torch.manual_seed(0)
-    model = Net(FUSED_STYLES[style]())
+    model = Net(block_cls())
     x = torch.randn(4, 16, 8)  # every expert gets tokens (an unused expert: None in eager, zeros fused)
     report = moe_compile.explain(model, x)
-    rows = [r for r in report.regions if r.module_path == "block"]
+    return model, x, report, [r for r in report.regions if r.module_path == "block"]
+
+
+@pytest.mark.parametrize("style", sorted(FUSED_STYLES))
+def test_style_fuses_and_equals_eager(style):
+    model, x, report, rows = _explained(FUSED_STYLES[style])
     assert len(rows) == 1 and rows[0].fused and "found by structure" in rows[0].pattern, str(report)
     assert report.graph_breaks == 0, str(report)
     _compiled_matches_eager(model, x)
@@ -47,11 +52,7 @@ def test_style_fuses_and_equals_eager(style):
 
 @pytest.mark.parametrize("style", sorted(UNFUSED_STYLES))
 def test_unmatched_behaviour_stays_as_it_is(style):
-    torch.manual_seed(0)
-    model = Net(UNFUSED_STYLES[style]())
-    x = torch.randn(4, 16, 8)  # every expert gets tokens (an unused expert: None in eager, zeros fused)
-    report = moe_compile.explain(model, x)
-    rows = [r for r in report.regions if r.module_path == "block"]
+    model, x, report, rows = _explained(UNFUSED_STYLES[style])
     assert rows and not any(r.fused for r in rows), str(report)
     assert "found by structure" in str(report), str(report)
     _compiled_matches_eager(model, x, steps=1)

@@ -335,7 +335,7 @@ def _unshardable(model: nn.Module, taken: list[str], notes: list[str]) -> list[s
     from ..explain import moe_like_blocks
 
     out = []
-    for block, what in moe_like_blocks(model, routed_only=True).items():
+    for block, what in moe_like_blocks(model).items():
         prefix = "" if block == "<top>" else block
         if any(not prefix or t == prefix or t.startswith(prefix + ".") for t in taken):
             continue

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import capture, capture_blocks
+from ..recognise.readings import route
 from ..spec import RouterSpec
 from ..recognise.experts import (SLOTS, ExpertsMatch, cached_proof, module_layers, stacked_candidates, layer_candidates, prove,
                      random_parameters, with_top_k)
@@ -33,9 +34,9 @@ def mask_to_topk(mask: torch.Tensor, w: torch.Tensor):
 
 
 def route_topk_softmax(x: torch.Tensor, weight: torch.Tensor, k: int):
-    """Linear router, top-k of the logits, softmax over the k chosen logits (JetMoE's gating)."""
-    top = F.linear(x, weight).float().topk(k, dim=1)
-    return top.indices, torch.softmax(top.values, dim=1).type_as(x)
+    """Linear router, top-k of the logits, softmax over the k chosen logits in float32 (JetMoE's gating)."""
+    idx, w = route(F.linear(x, weight), k, "softmax_topk", fp32_scores=True)
+    return idx, w.type_as(x)
 
 
 def _views(params, recipe):

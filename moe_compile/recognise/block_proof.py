@@ -134,10 +134,13 @@ def _selection(module, s: BlockStructure, tensors: dict, x):
     return sets
 
 
-def _choices(s: BlockStructure, tensors: dict, x, sets, k: int):
+def _logits(s: BlockStructure, tensors: dict, x):
+    """The router's logits ``[T, E]`` for the probe ``x``."""
+    return F.linear(x.reshape(-1, s.hidden), tensors[s.router], tensors[s.router_bias] if s.router_bias else None)
+
+
+def _choices(s: BlockStructure, tensors: dict, logits, sets, k: int):
     """``(score, selection bias)`` pairs whose top-k picks exactly ``sets``."""
-    x2 = x.reshape(-1, s.hidden)
-    logits = F.linear(x2, tensors[s.router], tensors[s.router_bias] if s.router_bias else None)
     out = []
     for bias in (None, *s.vectors):
         for score in SCORES:
@@ -250,7 +253,8 @@ def _prove_in(module, s: BlockStructure, rank: int, dtype) -> BlockMatch:
         return BlockMatch(None, f"tokens reach different numbers of experts ({sorted(ks)}): capacity, dropping or "
                           "a threshold, which no whole-block reading covers yet")
     k = ks.pop()
-    choices = _choices(s, tensors, x, sets, k)
+    logits = _logits(s, tensors, x)
+    choices = _choices(s, tensors, logits, sets, k)
     if not choices:
         return BlockMatch(None, f"no top-{k} of softmax, sigmoid or the logits of the [{s.num_experts}, {s.hidden}] "
                           f"router {s.router}" + (f" (with or without {', '.join(s.vectors)})" if s.vectors else "")
@@ -262,8 +266,6 @@ def _prove_in(module, s: BlockStructure, rank: int, dtype) -> BlockMatch:
     changed = [n for n, _ in module.named_buffers() if not torch.equal(before[n], after[n])]
     counts = None
     if changed:
-        logits = F.linear(x.reshape(-1, s.hidden), tensors[s.router],
-                          tensors[s.router_bias] if s.router_bias else None)
         idx, _ = route(logits, k, choices[0][0], tensors[choices[0][1]] if choices[0][1] else None)
         n_e = torch.bincount(idx.reshape(-1), minlength=s.num_experts)
         counted = [n for n in changed if after[n].shape == (s.num_experts,)
@@ -281,7 +283,7 @@ def _prove_in(module, s: BlockStructure, rank: int, dtype) -> BlockMatch:
                         shared=shared, counts=counts, fp32_scores=fp32)
                 for soi in _input_first(hints) for score, bias in choices for fp32 in (False, True)
                 for renorm in (False, True) for scale in _scales(hints) for shared in ((), s.others)]
-    match, tried, best = _search(module, s, trials, routings, tensors, x, out, TOL[dtype], k)
+    match, tried, best = _search(module, s, trials, routings, tensors, x, logits, out, TOL[dtype], k)
     if match is not None:
         return _final_proof(module, s, match, rank, dtype, TOL[dtype])
     return BlockMatch(None, f"no reading equals the block's output in {str(dtype).replace('torch.', '')} (best of "
@@ -296,13 +298,12 @@ def _input_first(hints) -> tuple:
     return (True, False) if any(says) else (False, True)
 
 
-def _search(module, s: BlockStructure, trials, routings, tensors, x, ref, tol, k):
+def _search(module, s: BlockStructure, trials, routings, tensors, x, logits, ref, tol, k):
     """The first (experts reading, routing) whose output equals ``ref`` on this probe. Scores on the experts'
     output cost one experts evaluation per experts reading (every expert on every token, then each routing is a
     weighted sum); scores on their input one per pair."""
     x2 = x.reshape(-1, s.hidden)
     T, E = x2.shape[0], s.num_experts
-    logits = F.linear(x2, tensors[s.router], tensors[s.router_bias] if s.router_bias else None)
     shared_out = {(): 0}
     if s.others:
         shared_out[s.others] = sum(_run(module.get_submodule(n), _sub(tensors, n), x2) for n in s.others)
@@ -351,15 +352,15 @@ def _reading(s: BlockStructure, r: Routing, slot_names, spec: MoESpec) -> BlockR
 
 
 def _fused(module, reading: BlockReading, tensors: dict, x):
-    calls = {}
-    for name in reading.routing.shared:
-        child, own = module.get_submodule(name), _sub(tensors, name)
-        calls[name] = lambda z, child=child, own=own: _run(child, own, z)
-    return fused_block(x, tensors, calls, *reading.as_args())
+    def shared(name):  # a shared child, called functionally on these tensors
+        return lambda z: _run(module.get_submodule(name), _sub(tensors, name), z)
+
+    return fused_block(x, tensors, shared, *reading.as_args())
 
 
 def _final_proof(module, s, reading: BlockReading, rank: int, dtype, tol) -> BlockMatch:
     device = next(module.parameters()).device
+    param_names = [n for n, _ in module.named_parameters()]
     worst = 0.0
     for draw in range(PARAM_DRAWS):
         for seed in (0, 1):
@@ -369,8 +370,7 @@ def _final_proof(module, s, reading: BlockReading, rank: int, dtype, tol) -> Blo
             sides = []
             for fn in (_run, _fused_run(reading)):
                 tensors = {n: t.clone() for n, t in base.items()}
-                leaves = {n: t.requires_grad_(True) for n, t in tensors.items()
-                          if n in dict(module.named_parameters())}
+                leaves = {n: tensors[n].requires_grad_(True) for n in param_names}
                 xi = x.clone().requires_grad_(True)
                 with torch.enable_grad():
                     out = fn(module, {**tensors, **leaves}, xi)
@@ -381,7 +381,7 @@ def _final_proof(module, s, reading: BlockReading, rank: int, dtype, tol) -> Blo
                 bufs = [tensors[n] for n, _ in module.named_buffers()]
                 sides.append((out.detach(), grads, bufs))
             (o1, g1, b1), (o2, g2, b2) = sides
-            names = ["input", *[n for n, _ in module.named_parameters()]]
+            names = ["input", *param_names]
             for what, a, b in [("output", o2, o1), *[(f"gradient of {n}", b_, a_) for n, a_, b_ in zip(names, g1, g2)],
                                *[("buffer", bb, ba) for ba, bb in zip(b1, b2)]]:
                 err = _rel(a, b) if b.abs().max() > 0 or a.abs().max() > 0 else 0.0

@@ -87,7 +87,7 @@ class BlockReading:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     def as_args(self) -> tuple:
-        """The reading as the plain values :func:`fused_block` takes after ``(x, tensors, shared_calls)``."""
+        """The reading as the plain values :func:`fused_block` takes after ``(x, tensors, shared_child)``."""
         r = self.routing
         return (self.hidden, self.router, self.router_bias, r.k, r.score, r.select_bias, r.renormalize, r.scale,
                 r.score_on_input, tuple(r.shared), r.counts, r.fp32_scores, tuple(tuple(s) for s in self.slots),
@@ -123,12 +123,13 @@ def route(logits: Tensor, k: int, score: str, select_bias: Tensor | None = None,
     return idx, w
 
 
-def fused_block(x: Tensor, tensors: dict, shared_calls: dict, hidden: int, router: str, router_bias, k: int,
+def fused_block(x: Tensor, tensors: dict, shared_child, hidden: int, router: str, router_bias, k: int,
                 score: str, select_bias, renormalize: bool, scale: float, score_on_input: bool, shared: tuple,
                 counts, fp32_scores: bool, slots: tuple, spec: str) -> Tensor:
     """The block's output by a reading, given as plain values (``BlockReading.as_args()``: Dynamo traces this with
-    them as constants): ``tensors`` maps the block's parameter and buffer names to tensors, ``shared_calls[name](x2)``
-    runs a shared child (the module itself while tracing; a functional call in the proof). Updates the counts
+    them as constants): ``tensors`` maps the block's parameter and buffer names to tensors, ``shared_child(name)``
+    gives the callable that runs a shared child on ``x2`` (the module itself while tracing, ``get_submodule``; a
+    functional call in the proof). Updates the counts
     buffer in place, as the block's own code does. ``score_on_input`` is part of ``spec`` (the op reads it there)."""
     x2 = x.reshape(-1, hidden)
     logits = F.linear(x2, tensors[router], tensors[router_bias] if router_bias else None)
@@ -136,7 +137,7 @@ def fused_block(x: Tensor, tensors: dict, shared_calls: dict, hidden: int, route
     lists = [[tensors[n] for n in names] for names in slots]
     out = torch.ops.moe_compile.experts.default(x2, idx, w.to(x2.dtype), *lists, spec)[0]
     for name in shared:
-        out = out + shared_calls[name](x2)
+        out = out + shared_child(name)(x2)
     if counts:
         buf = tensors[counts]
         flat = idx.reshape(-1)
